@@ -1,0 +1,257 @@
+"""`actserve cache build`: tokens -> ModelHost actors -> Parquet shards -> committed manifest.
+
+The driver tokenizes, hands each shard's sequences to a ModelHost actor (round robin, a bounded
+number in flight), and commits finished shards strictly in order: after shard k is written, the
+manifest listing shards 0..k replaces the old one in one write. The split of the token stream into
+shards is a pure function of the config, so a rerun after a crash skips the committed prefix and
+produces byte-identical shards.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import asdict, dataclass, field
+from itertools import islice
+
+import numpy as np
+from tqdm import tqdm
+
+from proto.manifest_pb2 import BuildConfig, HookStats, Manifest, Shard
+from proto.manifest_pb2 import WeightProcessing as WeightProcessingMsg
+from services.cache import (
+    DTYPES, FORMAT_VERSION, SPLITS, CacheError, check_writable, config_differences, open_url,
+    read_manifest, shard_path, write_manifest,
+)
+from services.data import DatasetError, DatasetSpec, iter_documents, iter_sequences
+from services.model import WeightProcessing
+
+VERSION = "actserve 0.1.0"
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Everything `cache build` takes; validated here, trusted below."""
+    model: str
+    dataset: str
+    hooks: str                 # comma list and/or patterns, e.g. "blocks.*.hook_resid_pre"
+    out: str                   # cache URL
+    tokens: int                # train tokens
+    eval_tokens: int = 0
+    context_size: int = 128
+    dtype: str = "float16"
+    dataset_split: str = "train"
+    text_column: str = "text"
+    token_column: str = ""
+    prepend_bos: bool = True
+    storage_options: dict = field(default_factory=dict)
+    actors: int = 1
+    batch_sequences: int = 32
+    shard_mb: float = 128.0
+    processing: WeightProcessing = WeightProcessing()
+    device: str | None = None  # None: CUDA when present, else CPU
+
+    def __post_init__(self):
+        checks = [
+            (self.tokens > 0, f"--tokens must be > 0, got {self.tokens}"),
+            (self.eval_tokens >= 0, f"--eval-tokens must be >= 0, got {self.eval_tokens}"),
+            (self.context_size >= 2, f"--context-size must be >= 2, got {self.context_size}"),
+            (self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}"),
+            (self.actors >= 1, f"--actors must be >= 1, got {self.actors}"),
+            (self.batch_sequences >= 1, f"--batch-sequences must be >= 1, got {self.batch_sequences}"),
+            (self.shard_mb > 0, f"--shard-mb must be > 0, got {self.shard_mb}"),
+            (bool(self.hooks.strip()), "--hooks is empty"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+def ensure_ray(address: str | None = None) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        kwargs = {} if address else {"num_cpus": os.cpu_count(), "include_dashboard": False}
+        ray.init(address=address, log_to_driver=False, **kwargs)
+
+
+def start_model_hosts(opts: BuildOptions) -> list:
+    import ray
+    import torch
+
+    from services.model_host import ModelHost
+
+    gpu = torch.cuda.is_available() and opts.device in (None, "cuda")
+    resources = {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": max(1, (os.cpu_count() or 1) // opts.actors)}
+    actor_class = ray.remote(**resources)(ModelHost)
+    return [actor_class.remote(opts.model, opts.processing, opts.device) for _ in range(opts.actors)]
+
+
+def sequences_per_shard(opts: BuildOptions, n_hooks: int, d_model: int) -> int:
+    row_bytes = n_hooks * d_model * DTYPES[opts.dtype].itemsize
+    return max(1, int(opts.shard_mb * 2**20) // (row_bytes * opts.context_size))
+
+
+def add_stats(stats: HookStats, sums: tuple) -> None:
+    """Fold one shard's float64 sums into the running means (in shard order, so repeatable)."""
+    vec, norm_sum, sq_sum, count = sums
+    total = stats.count + count
+    mean = np.asarray(stats.mean, dtype=np.float64) if stats.count else np.zeros_like(vec)
+    new_mean = (mean * stats.count + vec) / total
+    stats.mean_norm = (stats.mean_norm * stats.count + norm_sum) / total
+    stats.mean_sq_norm = (stats.mean_sq_norm * stats.count + sq_sum) / total
+    stats.count = total
+    del stats.mean[:]
+    stats.mean.extend(new_mean.tolist())
+
+
+def build_cache(opts: BuildOptions, progress: bool = True, ray_address: str | None = None) -> Manifest:
+    """Build (or resume) the cache described by `opts`; returns the final manifest."""
+    import ray
+
+    fs, root = open_url(opts.out, opts.storage_options)
+    existing = read_manifest(opts.out, opts.storage_options)
+    if existing is None:
+        check_writable(fs, root, opts.out)
+
+    ensure_ray(ray_address)
+    hosts = start_model_hosts(opts)
+    try:
+        info = ray.get(hosts[0].describe.remote())
+        if opts.context_size > info["n_ctx"]:
+            raise ValueError(f"--context-size {opts.context_size} exceeds the model's n_ctx {info['n_ctx']}")
+        hooks = ray.get(hosts[0].resolve_hooks.remote(opts.hooks))
+        config = BuildConfig(
+            model=opts.model, dataset=opts.dataset, dataset_split=opts.dataset_split,
+            text_column=opts.text_column, token_column=opts.token_column,
+            context_size=opts.context_size, prepend_bos=opts.prepend_bos, hooks=hooks, dtype=opts.dtype,
+            train_tokens=opts.tokens, eval_tokens=opts.eval_tokens,
+            sequences_per_shard=sequences_per_shard(opts, len(hooks), info["d_model"]),
+            batch_sequences=opts.batch_sequences,
+            processing=WeightProcessingMsg(**asdict(opts.processing)),
+        )
+        if existing is not None:
+            diffs = config_differences(existing.config, config)
+            if diffs:
+                raise CacheError(
+                    f"{opts.out} already holds a cache built with a different config ({'; '.join(diffs)}); "
+                    "choose another --out or delete it"
+                )
+            if existing.complete:
+                return existing
+        manifest = existing or new_manifest(config, info)
+        tokenizer = ray.get(hosts[0].tokenizer.remote())
+        run_build(opts, manifest, hosts, tokenizer, info, progress)
+        return manifest
+    finally:
+        for host in hosts:
+            ray.kill(host)
+
+
+def new_manifest(config: BuildConfig, info: dict) -> Manifest:
+    spsh = config.sequences_per_shard
+    manifest = Manifest(
+        format_version=FORMAT_VERSION, config=config, d_model=info["d_model"], n_ctx=info["n_ctx"],
+        d_vocab=info["d_vocab"], bos_token_id=info["bos_token_id"], tokenizer=info["tokenizer"],
+        created_by=VERSION,
+    )
+    for split, tokens in (("eval", config.eval_tokens), ("train", config.train_tokens)):
+        getattr(manifest, split).planned_shards = math.ceil(math.ceil(tokens / config.context_size) / spsh)
+    return manifest
+
+
+def shard_tasks(manifest: Manifest, sequences):
+    """(split, shard index, first sequence id, tokens [n, ctx]) for every shard not yet committed.
+
+    Eval shards come first (the held-out split is small), then train; global sequence ids run on
+    across both, so the splits never share a sequence."""
+    cfg = manifest.config
+    spsh = cfg.sequences_per_shard
+    next_id = 0
+    for split in ("eval", "train"):
+        wanted = math.ceil(getattr(cfg, f"{split}_tokens") / cfg.context_size)
+        s = getattr(manifest, split)
+        done = sum(sh.num_sequences for sh in s.shards)
+        if done:  # committed already: skip its sequences in the deterministic stream
+            for _ in islice(sequences, done):
+                pass
+        next_id += done
+        for index in range(len(s.shards), s.planned_shards):
+            n = min(spsh, wanted - index * spsh)
+            rows = list(islice(sequences, n))
+            if not rows:
+                return
+            yield split, index, next_id, np.stack(rows)
+            next_id += len(rows)
+            if len(rows) < n:
+                return
+
+
+def run_build(opts: BuildOptions, manifest: Manifest, hosts: list, tokenizer, info: dict, progress: bool) -> None:
+    import ray
+
+    cfg = manifest.config
+    fs, root = open_url(opts.out, opts.storage_options)
+    spec = DatasetSpec(opts.dataset, opts.dataset_split, opts.text_column, opts.token_column)
+    sequences = iter_sequences(iter_documents(spec, tokenizer), cfg.context_size, info["bos_token_id"], cfg.prepend_bos)
+
+    total = sum(math.ceil(t / cfg.context_size) for t in (cfg.train_tokens, cfg.eval_tokens)) * cfg.context_size
+    done_tokens = manifest.train.num_tokens + manifest.eval.num_tokens
+    bar = tqdm(total=total, initial=done_tokens, unit="tok", unit_scale=True, desc="cache build",
+               disable=not progress, smoothing=0.1)
+
+    in_flight: dict = {}  # ObjectRef -> task order
+    finished: dict[int, dict] = {}
+    next_commit = 0
+    tasks = enumerate(shard_tasks(manifest, sequences))
+    max_in_flight = 2 * len(hosts)
+    exhausted = False
+    while True:
+        while not exhausted and len(in_flight) < max_in_flight:
+            try:
+                order, (split, index, first_id, tokens) = next(tasks)
+            except StopIteration:
+                exhausted = True
+                break
+            host = hosts[order % len(hosts)]
+            ref = host.write_shard.remote(
+                opts.out, opts.storage_options, shard_path(split, index), tokens, first_id,
+                list(cfg.hooks), cfg.dtype, cfg.batch_sequences, cfg.prepend_bos,
+            )
+            in_flight[ref] = (order, split)
+        if not in_flight:
+            break
+        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        for ref in ready:
+            order, split = in_flight.pop(ref)
+            finished[order] = (split, ray.get(ref))
+        while next_commit in finished:  # commit strictly in order
+            split, result = finished.pop(next_commit)
+            commit_shard(fs, root, manifest, split, result)
+            bar.update(result["num_rows"])
+            next_commit += 1
+    bar.close()
+
+    for split in SPLITS:
+        s = getattr(manifest, split)
+        if len(s.shards) < s.planned_shards:  # the dataset ran out before the requested tokens
+            if split == "eval" and not s.shards and cfg.eval_tokens:
+                raise DatasetError(f"dataset {opts.dataset!r} ran out before the eval split was filled")
+            warnings.warn(f"dataset ran out: the {split} split holds {s.num_tokens:,} tokens, fewer than requested")
+            s.planned_shards = len(s.shards)
+    manifest.complete = True
+    write_manifest(fs, root, manifest)
+
+
+def commit_shard(fs, root: str, manifest: Manifest, split: str, result: dict) -> None:
+    s = getattr(manifest, split)
+    s.shards.append(Shard(
+        path=result["path"], num_rows=result["num_rows"], num_bytes=result["num_bytes"],
+        first_sequence=result["first_sequence"], num_sequences=result["num_sequences"],
+    ))
+    s.num_tokens += result["num_rows"]
+    if split == "train":
+        for hook, sums in result["sums"].items():
+            add_stats(manifest.stats[hook], sums)
+    write_manifest(fs, root, manifest)

@@ -1,0 +1,188 @@
+"""The `actserve` command. Each subcommand parses and validates its flags here, at the edge, into
+the typed config of the module that does the work."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EPILOG = """examples:
+  actserve demo                                   # the whole pipeline, offline, on this machine
+  actserve tiny-model --out models/tiny           # the small offline GPT-2-architecture model
+  actserve cache build --model models/tiny --dataset corpus.jsonl \\
+      --hooks 'blocks.*.hook_resid_pre' --tokens 1000000 --eval-tokens 50000 --out cache/tiny
+  actserve cache info cache/tiny
+"""
+
+
+class UsageError(Exception):
+    """Bad input found at the edge: printed as one line, exit code 2."""
+
+
+def parse_json_object(text: str, flag: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{flag} is not valid JSON ({e.msg} at position {e.pos}): {text!r}") from e
+    if not isinstance(value, dict):
+        raise UsageError(f"{flag} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def add_processing_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-fold-ln", dest="fold_ln", action="store_false",
+                   help="keep LayerNorm weights unfolded (TransformerLens folds them by default)")
+    p.add_argument("--no-center-writing-weights", dest="center_writing_weights", action="store_false",
+                   help="do not remove the mean from weights writing to the residual stream")
+    p.add_argument("--no-center-unembed", dest="center_unembed", action="store_false")
+    p.add_argument("--no-fold-value-biases", dest="fold_value_biases", action="store_false")
+
+
+def processing_from(args):
+    from services.model import WeightProcessing
+
+    return WeightProcessing(
+        fold_ln=args.fold_ln, center_writing_weights=args.center_writing_weights,
+        center_unembed=args.center_unembed, fold_value_biases=args.fold_value_biases,
+    )
+
+
+# --- subcommands -------------------------------------------------------------------------------
+
+
+def cmd_tiny_model(args) -> int:
+    from services.tiny_model import make_tiny_model
+
+    result = make_tiny_model(args.out, seed=args.seed, train_seconds=args.seconds, max_steps=args.steps)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def cmd_cache_build(args) -> int:
+    from services.build import BuildOptions, build_cache
+    from services.cache import summary
+
+    opts = BuildOptions(
+        model=args.model, dataset=args.dataset, hooks=args.hooks, out=args.out, tokens=args.tokens,
+        eval_tokens=args.eval_tokens, context_size=args.context_size, dtype=args.dtype,
+        dataset_split=args.split, text_column=args.text_column, token_column=args.token_column,
+        storage_options=parse_json_object(args.storage_options, "--storage-options"),
+        actors=args.actors, batch_sequences=args.batch_sequences, shard_mb=args.shard_mb,
+        processing=processing_from(args), device=args.device,
+    )
+    manifest = build_cache(opts, progress=not args.quiet, ray_address=args.ray_address)
+    print(summary(manifest, opts.out))
+    return 0
+
+
+def cmd_cache_info(args) -> int:
+    from services.cache import CacheError, manifest_to_json, read_manifest, summary
+
+    options = parse_json_object(args.storage_options, "--storage-options")
+    manifest = read_manifest(args.url, options)
+    if manifest is None:
+        raise CacheError(f"no cache at {args.url} (no manifest.json there)")
+    print(manifest_to_json(manifest) if args.json else summary(manifest, args.url), end="" if args.json else "\n")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from services.demo import DemoOptions, run_demo
+
+    return run_demo(DemoOptions(workdir=Path(args.workdir), tokens=args.tokens, eval_tokens=args.eval_tokens))
+
+
+# --- parser ------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="actserve",
+        description="Compute transformer activations once, cache them as Parquet on any fsspec URL "
+                    "(local disk, s3://), and stream them to SAE trainers and evaluators.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="offline end-to-end run on this machine: tiny model, cache, summary",
+                       description="Make the offline tiny model (once), build a cache of every layer's "
+                                   "residual stream on local disk, and print its summary.")
+    p.add_argument("--workdir", default="actserve-work", help="where the model, corpus and cache go (default: %(default)s)")
+    p.add_argument("--tokens", type=int, default=2_000_000, help="train tokens to cache (default: %(default)s)")
+    p.add_argument("--eval-tokens", type=int, default=100_000, help="held-out eval tokens (default: %(default)s)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("tiny-model", help="train the small offline GPT-2-architecture model",
+                       description="Train a small GPT-2-architecture model and its BPE tokenizer on the "
+                                   "Python standard library's docstrings (present on every machine), "
+                                   "deterministic for a seed, saved as a Hugging Face model directory "
+                                   "that --model accepts.")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seconds", type=float, default=None, help="training time budget (default: the module's)")
+    p.add_argument("--steps", type=int, default=None, help="fixed number of steps (overrides --seconds; deterministic)")
+    p.set_defaults(func=cmd_tiny_model)
+
+    cache = sub.add_parser("cache", help="build or inspect an activation cache").add_subparsers(
+        dest="cache_command", required=True, metavar="SUBCOMMAND")
+    p = cache.add_parser(
+        "build", help="run a dataset through the model and cache hook activations",
+        description="Run a tokenized dataset through a TransformerLens model on Ray actors and write "
+                    "the activations of every requested hook, from one forward pass, as Parquet shards "
+                    "plus manifest.json. Rerunning the same command resumes an interrupted build.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="TransformerLens model name (gpt2) or local Hugging Face GPT-2 directory")
+    p.add_argument("--dataset", required=True, help="Hugging Face hub dataset name, or a local .txt/.jsonl/.parquet file or directory")
+    p.add_argument("--hooks", required=True, help="comma list of hook names and/or patterns, e.g. 'blocks.*.hook_resid_pre'")
+    p.add_argument("--tokens", type=int, required=True, help="train-split tokens (rounded up to whole sequences)")
+    p.add_argument("--eval-tokens", type=int, default=0, help="held-out eval-split tokens (whole sequences, never in train)")
+    p.add_argument("--context-size", type=int, default=128, help="tokens per sequence, BOS included")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--out", required=True, help="cache URL: a directory, file://..., or s3://bucket/prefix")
+    p.add_argument("--split", default="train", help="dataset split to read")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--token-column", default="", help="read pre-tokenized ids from this column instead of text")
+    p.add_argument("--storage-options", default="{}", help="JSON of fsspec options, e.g. '{\"client_kwargs\": {\"endpoint_url\": \"http://...\"}}'")
+    p.add_argument("--actors", type=int, default=1, help="model-host actors running in parallel (one GPU each when CUDA is present)")
+    p.add_argument("--batch-sequences", type=int, default=32, help="sequences per forward pass")
+    p.add_argument("--shard-mb", type=float, default=128.0, help="target shard size in MiB")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_processing_flags(p)
+    p.set_defaults(func=cmd_cache_build)
+
+    p = cache.add_parser("info", help="print a cache's summary", description="Print the summary of the cache at URL.")
+    p.add_argument("url")
+    p.add_argument("--json", action="store_true", help="print manifest.json instead")
+    p.add_argument("--storage-options", default="{}", help="JSON of fsspec options")
+    p.set_defaults(func=cmd_cache_info)
+    return parser
+
+
+def error_message(e: BaseException) -> str:
+    """One line for the user; Ray wraps errors raised inside actors, so unwrap to the cause."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException):
+        e = cause
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    from services.cache import CacheError
+    from services.data import DatasetError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (UsageError, ValueError, CacheError, DatasetError) as e:
+        print(f"actserve: error: {error_message(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("actserve: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""The activation cache: real model actors on a local Ray, real Parquet files, local disk and S3."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from services.build import BuildOptions, build_cache
+from services.cache import decode_activations, open_url, read_manifest, read_shard
+from services.cli import main as cli_main
+from services.data import DatasetSpec, iter_documents, iter_sequences
+
+HOOKS = "blocks.0.hook_resid_pre,blocks.1.hook_resid_post"
+SMALL = dict(tokens=2048, eval_tokens=512, context_size=32, shard_mb=0.02, batch_sequences=2)
+
+
+def options(tiny_model, corpus, out, **overrides) -> BuildOptions:
+    return BuildOptions(**{"model": str(tiny_model), "dataset": str(corpus), "hooks": HOOKS, "out": str(out),
+                           **SMALL, **overrides})
+
+
+def shard_tokens(table) -> np.ndarray:
+    """Rebuild [n_seq, ctx] token ids from the token / sequence / position columns."""
+    seq = table.column("sequence").to_numpy()
+    pos = table.column("position").to_numpy()
+    tok = table.column("token").to_numpy()
+    ids = np.unique(seq)
+    out = np.empty((len(ids), pos.max() + 1), dtype=np.int32)
+    out[np.searchsorted(ids, seq), pos] = tok
+    return out
+
+
+@pytest.fixture(scope="module")
+def built(tiny_model, corpus, ray_session, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cache") / "c"
+    manifest = build_cache(options(tiny_model, corpus, out), progress=False)
+    return out, manifest
+
+
+def test_activations_equal_run_with_cache(built, tiny_model, corpus):
+    from services.model import load_model
+
+    out, manifest = built
+    model = load_model(str(tiny_model))
+    hooks = list(manifest.config.hooks)
+    assert len(hooks) == 2 and manifest.complete
+    expected_sequences = iter_sequences(
+        iter_documents(DatasetSpec(str(corpus)), model.tokenizer), 32, model.tokenizer.bos_token_id)
+    fs, root = open_url(str(out))
+    for shard in list(manifest.eval.shards) + list(manifest.train.shards):
+        table = read_shard(fs, root, shard)
+        tokens = shard_tokens(table)
+        # the cached tokens are the tokenized input, in order, BOS first
+        np.testing.assert_array_equal(tokens, np.stack([next(expected_sequences) for _ in range(len(tokens))]))
+        assert (tokens[:, 0] == model.tokenizer.bos_token_id).all()
+        _, cache = model.run_with_cache(torch.from_numpy(tokens).long(), names_filter=hooks)
+        for hook in hooks:
+            got = decode_activations(table.column(hook), "float16", manifest.d_model).float()
+            want = cache[hook].reshape(-1, manifest.d_model)
+            torch.testing.assert_close(got, want, atol=2e-3 * want.abs().max().item(), rtol=1e-2)
+
+
+def test_splits_and_manifest(built):
+    out, manifest = built
+    assert manifest.eval.num_tokens == 512 and manifest.train.num_tokens == 2048
+    eval_ids = {s.first_sequence + i for s in manifest.eval.shards for i in range(s.num_sequences)}
+    train_ids = {s.first_sequence + i for s in manifest.train.shards for i in range(s.num_sequences)}
+    assert not eval_ids & train_ids
+    assert len(manifest.train.shards) == manifest.train.planned_shards > 1
+    for hook in manifest.config.hooks:
+        st = manifest.stats[hook]
+        assert st.count == 2048 - 2048 // 32  # every train position but BOS
+        assert len(st.mean) == manifest.d_model and st.mean_sq_norm >= st.mean_norm ** 2 > 0
+    # the field metadata says how to decode the bytes
+    schema = pq.read_schema(os.path.join(out, manifest.train.shards[0].path))
+    field = schema.field(manifest.config.hooks[0])
+    assert field.metadata == {b"dtype": b"float16", b"d_model": str(manifest.d_model).encode()}
+
+
+def test_duckdb_reads_the_cache(built):
+    import duckdb
+
+    out, manifest = built
+    rows, seqs, max_pos, width = duckdb.sql(
+        f"select count(*), count(distinct sequence), max(position), max(octet_length(\"{manifest.config.hooks[0]}\"))"
+        f" from read_parquet('{out}/train/*.parquet')").fetchone()
+    assert (rows, seqs, max_pos, width) == (2048, 64, 31, manifest.d_model * 2)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_other_dtypes(tiny_model, corpus, ray_session, tmp_path, dtype):
+    manifest = build_cache(options(tiny_model, corpus, tmp_path / dtype, tokens=256, eval_tokens=0, dtype=dtype),
+                           progress=False)
+    fs, root = open_url(str(tmp_path / dtype))
+    table = read_shard(fs, root, manifest.train.shards[0])
+    acts = decode_activations(table.column(manifest.config.hooks[0]), dtype, manifest.d_model)
+    assert acts.dtype == getattr(torch, dtype) and torch.isfinite(acts).all()
+
+
+def test_s3_build_equals_local(built, tiny_model, corpus, ray_session, s3_options):
+    local_out, local_manifest = built
+    url = "s3://actserve-test/caches/tiny"
+    manifest = build_cache(options(tiny_model, corpus, url, storage_options=s3_options), progress=False)
+    assert read_manifest(url, s3_options) == manifest
+    assert manifest.config == local_manifest.config and manifest.stats == local_manifest.stats
+    fs, root = open_url(url, s3_options)
+    for remote, local in zip(manifest.train.shards, local_manifest.train.shards):
+        assert fs.cat_file(f"{root}/{remote.path}") == (Path(local_out) / local.path).read_bytes()
+
+
+def cli_build_args(tiny_model, corpus, out, tokens=8192):
+    return ["cache", "build", "--model", str(tiny_model), "--dataset", str(corpus), "--hooks", HOOKS,
+            "--tokens", str(tokens), "--eval-tokens", "512", "--context-size", "32", "--shard-mb", "0.02",
+            "--batch-sequences", "2", "--out", str(out), "--quiet"]
+
+
+def test_killed_build_resumes_to_identical_cache(tiny_model, corpus, ray_session, tmp_path):
+    reference = tmp_path / "reference"
+    assert cli_main(cli_build_args(tiny_model, corpus, reference)) == 0
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "services.cli", *cli_build_args(tiny_model, corpus, out)]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:  # wait for a few committed shards, then kill -9 the builder
+            m = read_manifest(str(out))
+            if m is not None and len(m.train.shards) >= 3:
+                break
+            assert proc.poll() is None, "the build finished before it could be killed"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    interrupted = read_manifest(str(out))
+    assert not interrupted.complete and len(interrupted.train.shards) < interrupted.train.planned_shards
+
+    assert cli_main(cli_build_args(tiny_model, corpus, out)) == 0
+    want, got = read_manifest(str(reference)), read_manifest(str(out))
+    assert got == want
+    for shard in list(want.eval.shards) + list(want.train.shards):
+        assert (out / shard.path).read_bytes() == (reference / shard.path).read_bytes(), shard.path
+    # nothing but committed shards and the manifest is left behind
+    files = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+    assert files == {"manifest.json"} | {s.path for s in list(want.eval.shards) + list(want.train.shards)}
+
+
+# --- bad input: one line naming the problem, exit code 2, nothing written ---------------------
+
+
+def run_cli_error(capsys, args) -> str:
+    code = cli_main(args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("actserve: error: ") and len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"--hooks": "blocks.0.hook_resid_pre,blocks.7.hook_nothing"}, "blocks.7.hook_nothing"),
+    ({"--context-size": "4096"}, "n_ctx"),
+    ({"--tokens": "0"}, "--tokens must be > 0"),
+    ({"--text-column": "body"}, "no column 'body'"),
+    ({"--storage-options": "{not json"}, "--storage-options"),
+])
+def test_bad_build_input(tiny_model, corpus, ray_session, tmp_path, capsys, change, message):
+    args = cli_build_args(tiny_model, corpus, tmp_path / "out")
+    for flag, value in change.items():
+        args[args.index(flag) + 1] = value
+    assert message in run_cli_error(capsys, args)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.parquet"))
+    assert read_manifest(str(tmp_path / "out")) is None
+
+
+def test_unwritable_url(tiny_model, corpus, ray_session, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    err = run_cli_error(capsys, cli_build_args(tiny_model, corpus, blocker / "cache"))
+    assert "cannot write to cache URL" in err
+
+
+def test_mismatched_existing_cache_is_refused(built, tiny_model, corpus, ray_session, capsys):
+    out, manifest = built
+    before = (Path(out) / "manifest.json").read_bytes()
+    args = cli_build_args(tiny_model, corpus, out, tokens=4096)
+    err = run_cli_error(capsys, args)
+    assert "different config" in err and "train_tokens" in err
+    assert (Path(out) / "manifest.json").read_bytes() == before
+
+
+def test_cache_info(built, capsys):
+    out, manifest = built
+    assert cli_main(["cache", "info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "2,048 tokens" in text and "complete" in text
+    assert cli_main(["cache", "info", str(out), "--json"]) == 0
+    assert '"d_model"' in capsys.readouterr().out
