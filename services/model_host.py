@@ -43,7 +43,7 @@ class ModelHost:
         self, tokens: np.ndarray, hooks: list[str], dtype: str, batch_sequences: int, skip_bos: bool
     ) -> tuple[dict[str, torch.Tensor], dict[str, tuple]]:
         """Activations {hook: [n_seq * ctx, d_model] CPU tensor of dtype} and per-hook float64
-        sums (vector sum, norm sum, squared-norm sum, count), BOS positions left out if skip_bos."""
+        sums (vector sum, norm sum, squared-norm sum, count), position 0 left out when skip_bos."""
         n_seq, ctx = tokens.shape
         d_model = self.model.cfg.d_model
         out = {h: torch.empty((n_seq * ctx, d_model), dtype=DTYPES[dtype]) for h in hooks}

@@ -91,7 +91,7 @@ def test_duckdb_reads_the_cache(built):
     out, manifest = built
     rows, seqs, max_pos, width = duckdb.sql(
         f"select count(*), count(distinct sequence), max(position), max(octet_length(\"{manifest.config.hooks[0]}\"))"
-        f" from read_parquet('{out}/train/*.parquet')").fetchone()
+        f" from read_parquet('{out}/train/*.parquet')").fetchall()[0]
     assert (rows, seqs, max_pos, width) == (2048, 64, 31, manifest.d_model * 2)
 
 
@@ -174,7 +174,10 @@ def run_cli_error(capsys, args) -> str:
 def test_bad_build_input(tiny_model, corpus, ray_session, tmp_path, capsys, change, message):
     args = cli_build_args(tiny_model, corpus, tmp_path / "out")
     for flag, value in change.items():
-        args[args.index(flag) + 1] = value
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
     assert message in run_cli_error(capsys, args)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.parquet"))
     assert read_manifest(str(tmp_path / "out")) is None

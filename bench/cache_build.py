@@ -1,0 +1,150 @@
+"""Cache build benchmarks (issue 2). Each figure prints next to its reference from the same run.
+
+  1. build tokens/s (Ray actor, one forward for all hooks, cast, Parquet, commit) against the
+     bare model forward (`run_with_cache` over the same batches, in-process, nothing kept);
+  2. shard write and read GB/s against pyarrow writing / reading the same bytes as one plain
+     fixed_size_binary table (no actserve code).
+
+  python bench/cache_build.py                       # the tiny model (made under --workdir if missing)
+  python bench/cache_build.py --gpt2-small-random   # a GPT-2-small-shaped model with random weights
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+
+def gpt2_small_random(workdir: Path, tokenizer_dir: Path) -> Path:
+    """GPT-2 small's shape (12 layers, d_model 768, vocab 50257), random weights: speed does not
+    depend on weight values, and no hub is reachable."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    out = workdir / "gpt2-small-random"
+    if not (out / "config.json").exists():
+        torch.manual_seed(0)
+        cfg = GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024, n_ctx=1024)
+        GPT2LMHeadModel(cfg).save_pretrained(out)
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    return out
+
+
+def bench_build(model_dir: Path, corpus: Path, hooks: str, tokens: int, context: int, batch: int, workdir: Path):
+    import ray
+
+    from services.build import BuildOptions, build_cache, ensure_ray
+    from services.cache import open_url, read_shard
+    from services.model import layers_needed, load_model, resolve_hooks
+
+    out = workdir / "bench-cache"
+    shutil.rmtree(out, ignore_errors=True)
+    opts = BuildOptions(model=str(model_dir), dataset=str(corpus), hooks=hooks, out=str(out), tokens=tokens,
+                        context_size=context, batch_sequences=batch)
+    ensure_ray()
+    # warm-up: Ray start, worker start and model load are one-off costs, not throughput
+    build_cache(BuildOptions(**{**opts.__dict__, "out": str(workdir / "warmup"), "tokens": batch * context}), progress=False)
+    t0 = time.perf_counter()
+    manifest = build_cache(opts, progress=False)
+    build_s = time.perf_counter() - t0
+    ray.shutdown()
+
+    # the bare forward over exactly the cached token batches
+    fs, root = open_url(str(out))
+    seqs = np.concatenate([
+        read_shard(fs, root, s, columns=["token"]).column("token").to_numpy().reshape(-1, context)
+        for s in manifest.train.shards
+    ])
+    model = load_model(str(model_dir))
+    names = resolve_hooks(model, hooks)
+    stop = layers_needed(names, model.cfg.n_layers)
+    batches = torch.from_numpy(seqs).split(batch)
+    with torch.inference_mode():
+        model.run_with_cache(batches[0], names_filter=names, stop_at_layer=stop)
+        t0 = time.perf_counter()
+        for b in batches:
+            model.run_with_cache(b, names_filter=names, stop_at_layer=stop)
+        bare_s = time.perf_counter() - t0
+    n = seqs.size
+    print(f"build   {n / build_s:12,.0f} tok/s   bare forward {n / bare_s:12,.0f} tok/s   "
+          f"ratio {bare_s / build_s:.2f} (goal >= 0.8)   [{len(names)} hooks, {n:,} tokens, end-to-end incl. commits]")
+    return out, manifest
+
+
+def bench_shard_io(out: Path, manifest, repeats: int = 3):
+    from services.cache import decode_activations, encode_shard, open_url, read_shard, atomic_write
+
+    fs, root = open_url(str(out))
+    shard = max(manifest.train.shards, key=lambda s: s.num_bytes)
+    table = read_shard(fs, root, shard)
+    hooks = list(manifest.config.hooks)
+    ctx = manifest.config.context_size
+    tokens = table.column("token").to_numpy().reshape(-1, ctx)
+    acts = {h: decode_activations(table.column(h), manifest.config.dtype, manifest.d_model) for h in hooks}
+    plain = pa.table({h: table.column(h) for h in hooks})  # same activation bytes, no actserve code
+    nbytes = sum(a.numel() * a.element_size() for a in acts.values())
+    tmp = Path(tempfile.mkdtemp())
+
+    def best(fn):
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    def ours_write():
+        atomic_write(fs, str(tmp / "ours.parquet"), encode_shard(tokens, 0, acts, hooks, manifest.config.dtype))
+
+    def plain_write():
+        pq.write_table(plain, tmp / "plain.parquet", compression="none", use_dictionary=False, write_statistics=False)
+
+    def ours_read():
+        t = pq.read_table(tmp / "ours.parquet", columns=hooks)
+        for h in hooks:
+            decode_activations(t.column(h), manifest.config.dtype, manifest.d_model).sum()
+
+    def plain_read():
+        t = pq.read_table(tmp / "plain.parquet")
+        for h in hooks:
+            col = t.column(h).combine_chunks()
+            torch.from_numpy(np.frombuffer(col.buffers()[1], dtype=np.float16)).sum()
+
+    w_ours, w_plain = best(ours_write), best(plain_write)
+    r_ours, r_plain = best(ours_read), best(plain_read)
+    gb = nbytes / 1e9
+    print(f"write   {gb / w_ours:6.2f} GB/s   plain pyarrow {gb / w_plain:6.2f} GB/s   ratio {w_plain / w_ours:.2f} (goal >= 0.8)")
+    print(f"read    {gb / r_ours:6.2f} GB/s   plain pyarrow {gb / r_plain:6.2f} GB/s   ratio {r_plain / r_ours:.2f} (goal >= 0.8)"
+          f"   [{nbytes / 1e6:.0f} MB shard, decode included]")
+    shutil.rmtree(tmp)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", default="actserve-work", type=Path)
+    p.add_argument("--gpt2-small-random", action="store_true")
+    p.add_argument("--tokens", type=int, default=None)
+    p.add_argument("--context-size", type=int, default=128)
+    p.add_argument("--batch-sequences", type=int, default=32)
+    args = p.parse_args()
+    from services.demo import prepare_model
+
+    corpus, tiny = prepare_model(args.workdir)
+    if args.gpt2_small_random:
+        model, hooks, tokens = gpt2_small_random(args.workdir, tiny), "blocks.*.hook_resid_pre", args.tokens or 65536
+    else:
+        model, hooks, tokens = tiny, "blocks.*.hook_resid_pre", args.tokens or 1_000_000
+    print(f"device {'cuda' if torch.cuda.is_available() else 'cpu'}, torch threads {torch.get_num_threads()}")
+    out, manifest = bench_build(model, corpus, hooks, tokens, args.context_size, args.batch_sequences, args.workdir)
+    bench_shard_io(out, manifest)
+
+
+if __name__ == "__main__":
+    main()

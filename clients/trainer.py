@@ -1,0 +1,225 @@
+"""`actserve train`: one lightweight process trains one SAE (or several configs on the same batches,
+as dictionary_learning does) on one hook's activations streamed from the server.
+
+Checkpoints hold every SAE's trainer state (weights, Adam, schedules, dead-feature counters, RNG),
+the running metrics and the stream cursor, written atomically every `checkpoint_every` tokens; a
+restarted run resumes from the last one and ends with the same weights as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from sae import SAEConfig, StreamingMetrics, TrainConfig, Trainer, build_sae
+
+CHECKPOINT = "checkpoint.pt"
+METRICS_LOG = "metrics.jsonl"
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """One trainer process: where its data comes from, the budget, and the SAE grid it trains."""
+    hook: str
+    out: str
+    tokens: int
+    architectures: tuple[str, ...] = ("standard",)
+    expansions: tuple[int, ...] = (32,)
+    l1_coefficients: tuple[float, ...] = (8e-5,)  # standard/gated: lambda; normalized: alpha
+    ks: tuple[int, ...] = (32,)                    # topk only
+    lrs: tuple[float, ...] = (4e-4,)
+    batch_size: int = 4096
+    lr_warmup_steps: int = 1000
+    lr_decay: str = "constant"
+    l1_warmup_steps: int = 0
+    ghost_grads: bool = False
+    dead_feature_window: int = 1000
+    scale_to_sqrt_d: bool = False  # SAELens-style input scaling, folded back into the weights at export
+    seed: int = 0
+    checkpoint_every: int = 1_000_000  # tokens
+    log_every: int = 50                # steps
+    device: str = "cpu"
+    wandb_project: str | None = None
+
+    def __post_init__(self):
+        checks = [
+            (self.tokens > 0, f"--tokens must be > 0, got {self.tokens}"),
+            (self.batch_size > 0, f"--batch-size must be > 0, got {self.batch_size}"),
+            (self.checkpoint_every > 0, f"--checkpoint-every must be > 0, got {self.checkpoint_every}"),
+            (self.log_every > 0, f"--log-every must be > 0, got {self.log_every}"),
+            (all(e > 0 for e in self.expansions), f"--expansion must be > 0, got {self.expansions}"),
+            (all(k > 0 for k in self.ks), f"--k must be > 0, got {self.ks}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+@dataclass
+class Run:
+    """One SAE being trained: its name, trainer and metrics window."""
+    name: str
+    trainer: Trainer
+    metrics: StreamingMetrics = field(repr=False)
+
+
+def run_grid(opts: TrainOptions, d_in: int, stats, model_name: str, context_size: int) -> list[tuple[str, SAEConfig, TrainConfig]]:
+    """(name, SAEConfig, TrainConfig) for every point of the options' grid."""
+    total_steps = math.ceil(opts.tokens / opts.batch_size)
+    grid = []
+    for arch, expansion, lr in itertools.product(opts.architectures, opts.expansions, opts.lrs):
+        sparsity = [("k", k) for k in opts.ks] if arch == "topk" else [("l1", l1) for l1 in opts.l1_coefficients]
+        for kind, value in sparsity:
+            sae_cfg = SAEConfig(
+                architecture=arch, d_in=d_in, d_sae=d_in * expansion, hook_name=opts.hook,
+                model_name=model_name, context_size=context_size,
+                l1_coefficient=value if kind == "l1" else 0.0, k=value if kind == "k" else None,
+                use_ghost_grads=opts.ghost_grads and arch == "standard",
+                input_mean_norm=stats.mean_norm * input_scale(opts, stats, d_in) if arch == "normalized" else None,
+            )
+            train_cfg = TrainConfig(
+                lr=lr, lr_warmup_steps=min(opts.lr_warmup_steps, max(total_steps - 1, 0)),
+                lr_decay=opts.lr_decay, total_steps=total_steps if opts.lr_decay != "constant" else None,
+                l1_warmup_steps=opts.l1_warmup_steps, dead_feature_window=opts.dead_feature_window, seed=opts.seed,
+            )
+            name = f"{opts.hook}-{arch}-x{expansion}-{kind}{value:g}-lr{lr:g}"
+            grid.append((name, sae_cfg, train_cfg))
+    return grid
+
+
+def input_scale(opts: TrainOptions, stats, d_in: int) -> float:
+    """The factor inputs are multiplied by: 1, or sqrt(d_in / E||x||^2) so that E||x||^2 = d_in."""
+    return math.sqrt(d_in / stats.mean_sq_norm) if opts.scale_to_sqrt_d else 1.0
+
+
+@torch.no_grad()
+def fold_input_scale(sae, scale: float) -> None:
+    """Make an SAE trained on scale * x act on x itself: encoder weights absorb the scale, the
+    decoder and its bias undo it (the same for every architecture: all read x - b_dec via W_enc)."""
+    sae.W_enc.mul_(scale)
+    sae.W_dec.div_(scale)
+    sae.b_dec.div_(scale)
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train(opts: TrainOptions, batches: Iterator[torch.Tensor], stream_state, d_in: int, stats,
+          model_name: str = "", context_size: int = 0, progress: bool = True) -> list[Path]:
+    """Train every grid point on the same batches; `stream_state()` returns the cursor to save
+    with a checkpoint (None when the batches do not come from a resumable stream)."""
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(opts.seed)
+    grid = run_grid(opts, d_in, stats, model_name, context_size)
+    runs = [Run(name, Trainer(build_sae(sae_cfg).to(opts.device), train_cfg), StreamingMetrics(sae_cfg.d_sae, opts.device))
+            for name, sae_cfg, train_cfg in grid]
+    scale = input_scale(opts, stats, d_in)
+    checkpoint = load_checkpoint(out, runs)
+    tokens = checkpoint["tokens"] if checkpoint else 0
+    wandb_run = start_wandb(opts, grid) if opts.wandb_project else None
+    log = (out / METRICS_LOG).open("a")
+    bar = tqdm(total=opts.tokens, initial=tokens, unit="tok", unit_scale=True, desc=f"train {opts.hook}", disable=not progress)
+    wait = busy = 0.0
+    next_checkpoint = (tokens // opts.checkpoint_every + 1) * opts.checkpoint_every
+    while tokens < opts.tokens:
+        t0 = time.perf_counter()
+        try:
+            x = next(batches)
+        except StopIteration:
+            raise RuntimeError(f"the stream ended after {tokens:,} of {opts.tokens:,} tokens") from None
+        x = x[: opts.tokens - tokens].to(opts.device, torch.float32) * scale
+        t1 = time.perf_counter()
+        for run in runs:
+            if run.trainer.n_steps == 0:  # the seed recipe: b_dec starts at the geometric median
+                run.trainer.sae.initialize_b_dec(x)
+            stats_ = run.trainer.step(x)
+            with torch.no_grad():
+                run.trainer.sae.eval()
+                f = run.trainer.sae.encode(x)
+                run.metrics.update(x, run.trainer.sae.decode(f), f)
+            run.last = stats_
+        tokens += len(x)
+        t2 = time.perf_counter()
+        wait, busy = wait + (t1 - t0), busy + (t2 - t1)
+        bar.update(len(x))
+        step = runs[0].trainer.n_steps
+        if step % opts.log_every == 0 or tokens >= opts.tokens:
+            for run in runs:
+                record = {"run": run.name, "tokens": tokens, **run.last, **run.metrics.compute(),
+                          "tokens_per_s": tokens_rate(bar), "data_wait_fraction": wait / max(wait + busy, 1e-9)}
+                log.write(json.dumps(record) + "\n")
+                if wandb_run is not None:
+                    wandb_run.log({f"{run.name}/{k}": v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
+                run.metrics = StreamingMetrics(run.trainer.sae.cfg.d_sae, opts.device) if tokens < opts.tokens else run.metrics
+            log.flush()
+            bar.set_postfix(loss=f"{runs[0].last['loss']:.3g}", l0=f"{runs[0].last['l0']:.1f}", wait=f"{wait / max(wait + busy, 1e-9):.0%}")
+        if tokens >= next_checkpoint and tokens < opts.tokens:
+            save_checkpoint(out, runs, tokens, stream_state())
+            next_checkpoint += opts.checkpoint_every
+    bar.close()
+    log.close()
+    if wandb_run is not None:
+        wandb_run.finish()
+    return export(opts, runs, scale)
+
+
+def tokens_rate(bar) -> float:
+    rate = bar.format_dict.get("rate")
+    return float(rate) if rate else 0.0
+
+
+def save_checkpoint(out: Path, runs: list[Run], tokens: int, stream_state) -> None:
+    atomic_torch_save({"tokens": tokens, "stream": stream_state,
+                       "runs": {r.name: {"trainer": r.trainer.state_dict(), "metrics": r.metrics, "last": getattr(r, "last", None)}
+                                for r in runs}}, out / CHECKPOINT)
+
+
+def load_checkpoint(out: Path, runs: list[Run]) -> dict | None:
+    path = out / CHECKPOINT
+    if not path.exists():
+        return None
+    state = torch.load(path, weights_only=False)
+    if set(state["runs"]) != {r.name for r in runs}:
+        raise ValueError(f"{path} belongs to a different set of runs ({sorted(state['runs'])}); use another --out")
+    for run in runs:
+        saved = state["runs"][run.name]
+        run.trainer.load_state_dict(saved["trainer"])
+        run.metrics, run.last = saved["metrics"], saved["last"]
+    return state
+
+
+def export(opts: TrainOptions, runs: list[Run], scale: float) -> list[Path]:
+    """Each SAE in SAELens's layout, with the input scale folded into its weights."""
+    paths = []
+    for run in runs:
+        sae = run.trainer.sae
+        if scale != 1.0:
+            fold_input_scale(sae, scale)
+        path = Path(opts.out) if len(runs) == 1 else Path(opts.out) / run.name
+        sae.save(path, run.metrics.log10_feature_density())
+        paths.append(path)
+    (Path(opts.out) / CHECKPOINT).unlink(missing_ok=True)
+    return paths
+
+
+def start_wandb(opts: TrainOptions, grid):
+    import wandb
+
+    return wandb.init(project=opts.wandb_project, config={"options": asdict(opts), "runs": [n for n, _, _ in grid]})
+
+
+def stream_batches(stream: Iterable[dict], hook: str) -> Iterator[torch.Tensor]:
+    for batch in stream:
+        yield batch[hook]
