@@ -12,8 +12,8 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -65,10 +65,11 @@ class TrainOptions:
 
 @dataclass
 class Run:
-    """One SAE being trained: its name, trainer and metrics window."""
+    """One SAE being trained: its name, trainer, metrics window and last step's numbers."""
     name: str
     trainer: Trainer
     metrics: StreamingMetrics = field(repr=False)
+    last: dict = field(default_factory=dict)
 
 
 def run_grid(opts: TrainOptions, d_in: int, stats, model_name: str, context_size: int) -> list[tuple[str, SAEConfig, TrainConfig]]:
@@ -115,10 +116,30 @@ def atomic_torch_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def train(opts: TrainOptions, batches: Iterator[torch.Tensor], stream_state, d_in: int, stats,
-          model_name: str = "", context_size: int = 0, progress: bool = True) -> list[Path]:
-    """Train every grid point on the same batches; `stream_state()` returns the cursor to save
-    with a checkpoint (None when the batches do not come from a resumable stream)."""
+class TensorBatches:
+    """Batches from tensors already in memory, with the same resume interface as ActivationStream
+    (the reference the data-wait benchmark compares the server against)."""
+
+    def __init__(self, activations: torch.Tensor, hook: str, batch_size: int):
+        self.activations, self.hook, self.batch_size, self.position = activations, hook, batch_size, 0
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        while True:  # endless, like a stream with epochs=None
+            start = self.position % len(self.activations)
+            self.position += self.batch_size
+            yield {self.hook: self.activations[start:start + self.batch_size]}
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = state["position"]
+
+
+def train(opts: TrainOptions, source, d_in: int, stats, model_name: str = "", context_size: int = 0,
+          progress: bool = True) -> list[Path]:
+    """Train every grid point on the same batches from `source`: an iterable of {hook: tensor}
+    with state_dict() / load_state_dict() (an ActivationStream, or TensorBatches)."""
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(opts.seed)
@@ -127,16 +148,20 @@ def train(opts: TrainOptions, batches: Iterator[torch.Tensor], stream_state, d_i
             for name, sae_cfg, train_cfg in grid]
     scale = input_scale(opts, stats, d_in)
     checkpoint = load_checkpoint(out, runs)
-    tokens = checkpoint["tokens"] if checkpoint else 0
+    tokens = 0
+    if checkpoint:
+        tokens = checkpoint["tokens"]
+        source.load_state_dict(checkpoint["stream"])
     wandb_run = start_wandb(opts, grid) if opts.wandb_project else None
     log = (out / METRICS_LOG).open("a")
     bar = tqdm(total=opts.tokens, initial=tokens, unit="tok", unit_scale=True, desc=f"train {opts.hook}", disable=not progress)
     wait = busy = 0.0
     next_checkpoint = (tokens // opts.checkpoint_every + 1) * opts.checkpoint_every
+    batches = iter(source)
     while tokens < opts.tokens:
         t0 = time.perf_counter()
         try:
-            x = next(batches)
+            x = next(batches)[opts.hook]
         except StopIteration:
             raise RuntimeError(f"the stream ended after {tokens:,} of {opts.tokens:,} tokens") from None
         x = x[: opts.tokens - tokens].to(opts.device, torch.float32) * scale
@@ -144,12 +169,7 @@ def train(opts: TrainOptions, batches: Iterator[torch.Tensor], stream_state, d_i
         for run in runs:
             if run.trainer.n_steps == 0:  # the seed recipe: b_dec starts at the geometric median
                 run.trainer.sae.initialize_b_dec(x)
-            stats_ = run.trainer.step(x)
-            with torch.no_grad():
-                run.trainer.sae.eval()
-                f = run.trainer.sae.encode(x)
-                run.metrics.update(x, run.trainer.sae.decode(f), f)
-            run.last = stats_
+            run.last = run.trainer.step(x, metrics=run.metrics)
         tokens += len(x)
         t2 = time.perf_counter()
         wait, busy = wait + (t1 - t0), busy + (t2 - t1)
@@ -162,11 +182,13 @@ def train(opts: TrainOptions, batches: Iterator[torch.Tensor], stream_state, d_i
                 log.write(json.dumps(record) + "\n")
                 if wandb_run is not None:
                     wandb_run.log({f"{run.name}/{k}": v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
-                run.metrics = StreamingMetrics(run.trainer.sae.cfg.d_sae, opts.device) if tokens < opts.tokens else run.metrics
+                if tokens < opts.tokens:  # a fresh window; the last one becomes the sparsity file
+                    run.metrics = StreamingMetrics(run.trainer.sae.cfg.d_sae, opts.device)
             log.flush()
-            bar.set_postfix(loss=f"{runs[0].last['loss']:.3g}", l0=f"{runs[0].last['l0']:.1f}", wait=f"{wait / max(wait + busy, 1e-9):.0%}")
-        if tokens >= next_checkpoint and tokens < opts.tokens:
-            save_checkpoint(out, runs, tokens, stream_state())
+            bar.set_postfix(loss=f"{runs[0].last['loss']:.3g}", l0=f"{runs[0].last['l0']:.1f}",
+                            wait=f"{wait / max(wait + busy, 1e-9):.0%}")
+        if next_checkpoint <= tokens < opts.tokens:
+            save_checkpoint(out, runs, tokens, source.state_dict())
             next_checkpoint += opts.checkpoint_every
     bar.close()
     log.close()
@@ -182,7 +204,7 @@ def tokens_rate(bar) -> float:
 
 def save_checkpoint(out: Path, runs: list[Run], tokens: int, stream_state) -> None:
     atomic_torch_save({"tokens": tokens, "stream": stream_state,
-                       "runs": {r.name: {"trainer": r.trainer.state_dict(), "metrics": r.metrics, "last": getattr(r, "last", None)}
+                       "runs": {r.name: {"trainer": r.trainer.state_dict(), "metrics": r.metrics, "last": r.last}
                                 for r in runs}}, out / CHECKPOINT)
 
 
@@ -220,6 +242,19 @@ def start_wandb(opts: TrainOptions, grid):
     return wandb.init(project=opts.wandb_project, config={"options": asdict(opts), "runs": [n for n, _, _ in grid]})
 
 
-def stream_batches(stream: Iterable[dict], hook: str) -> Iterator[torch.Tensor]:
-    for batch in stream:
-        yield batch[hook]
+def train_from_server(opts: TrainOptions, server: str | list[str], cache: str, token: str | None = None,
+                      progress: bool = True) -> list[Path]:
+    """Train on `cache`'s train split streamed from `server`: endless epochs, each in a new order,
+    BOS rows dropped, until the token budget is spent."""
+    from clients.stream import ActivationStream
+
+    stream = ActivationStream(server, cache=cache, hooks=[opts.hook], batch_size=opts.batch_size, seed=opts.seed,
+                              epochs=None, device=opts.device, drop_bos=True, token=token)
+    manifest = stream.manifest
+    if opts.hook not in manifest.config.hooks:
+        raise ValueError(f"--hook {opts.hook}: the cache has no such hook; cached hooks: {', '.join(manifest.config.hooks)}")
+    try:
+        return train(opts, stream, manifest.d_model, manifest.stats[opts.hook], manifest.config.model,
+                     manifest.config.context_size, progress)
+    finally:
+        stream.close()

@@ -76,7 +76,25 @@ def check_writable(fs: fsspec.AbstractFileSystem, root: str, url: str) -> None:
         fs.pipe_file(probe, b"")
         fs.rm_file(probe)
     except Exception as e:  # noqa: BLE001 - every backend raises its own types
-        raise CacheError(f"cannot write to cache URL {url}: {type(e).__name__}: {e}") from e
+        raise storage_error(url, "write to cache URL", e) from e
+
+
+def storage_error(url: str, action: str, error: Exception) -> CacheError:
+    """One line saying what went wrong with the storage behind `url`, and what to set."""
+    name, text = type(error).__name__, str(error)
+    if name == "NoCredentialsError":
+        hint = ("no credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), "
+                "attach an instance profile, or pass key/secret in --storage-options")
+    elif name in ("EndpointConnectionError", "ConnectTimeoutError") or isinstance(error, ConnectionError):
+        hint = "the storage endpoint did not answer: is it running? check endpoint_url in --storage-options"
+    elif isinstance(error, PermissionError):
+        hint = "access denied: the credentials lack permission on this location"
+    elif "bucket does not exist" in text or "NoSuchBucket" in text:
+        bucket = url.split("://", 1)[-1].split("/", 1)[0]
+        hint = f"bucket {bucket!r} does not exist: create it or fix the URL"
+    else:
+        hint = f"{name}"
+    return CacheError(f"cannot {action} {url}: {hint} ({text.splitlines()[0] if text else name})")
 
 
 # --- manifest ----------------------------------------------------------------------------------
@@ -92,10 +110,12 @@ def read_manifest(url: str, storage_options: dict | None = None) -> Manifest | N
     path = f"{root}/{MANIFEST_NAME}"
     try:
         raw = fs.cat_file(path)
-    except (FileNotFoundError, NotADirectoryError):
+    except (FileNotFoundError, NotADirectoryError) as e:
+        if "bucket does not exist" in str(e):
+            raise storage_error(url, "read", e) from e
         return None
-    except Exception as e:  # noqa: BLE001
-        raise CacheError(f"cannot read {url}/{MANIFEST_NAME}: {type(e).__name__}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - every backend raises its own types
+        raise storage_error(url, "read", e) from e
     try:
         manifest = json_format.Parse(raw, Manifest())
     except (json_format.ParseError, UnicodeDecodeError) as e:
@@ -213,8 +233,11 @@ def read_shard(
             raise CacheError(
                 f"shard {shard.path} is corrupt: {size} bytes on storage, manifest says {shard.num_bytes}"
             )
-        with fs.open(path, "rb", block_size=ROW_GROUP_BYTES) as f:
-            table = pq.read_table(f, columns=columns, pre_buffer=True)
+        if is_local(fs):  # pyarrow reads a memory map itself: no Python file object taking the GIL per read
+            table = pq.read_table(path, columns=columns, memory_map=True)
+        else:
+            with fs.open(path, "rb", block_size=ROW_GROUP_BYTES) as f:
+                table = pq.read_table(f, columns=columns, pre_buffer=True)
     except CacheError:
         raise
     except FileNotFoundError as e:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -87,6 +88,60 @@ def cmd_cache_info(args) -> int:
     return 0
 
 
+def csv_of(kind, flag: str):
+    def parse(text: str) -> tuple:
+        try:
+            values = tuple(kind(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} takes a comma list of {kind.__name__}s, got {text!r}") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"{flag} is empty")
+        return values
+    return parse
+
+
+def cmd_train(args) -> int:
+    from clients.trainer import TrainOptions, train_from_server
+
+    opts = TrainOptions(
+        hook=args.hook, out=args.out, tokens=args.tokens, architectures=args.arch, expansions=args.expansion,
+        l1_coefficients=args.l1_coefficient, ks=args.k, lrs=args.lr, batch_size=args.batch_size,
+        lr_warmup_steps=args.lr_warmup_steps, lr_decay=args.lr_decay, l1_warmup_steps=args.l1_warmup_steps,
+        ghost_grads=args.ghost_grads, dead_feature_window=args.dead_feature_window,
+        scale_to_sqrt_d=args.scale_to_sqrt_d, seed=args.seed, checkpoint_every=args.checkpoint_every,
+        log_every=args.log_every, device=args.device, wandb_project=args.wandb_project,
+    )
+    paths = train_from_server(opts, args.server, args.cache, token=os.environ.get(args.token_env), progress=not args.quiet)
+    for path in paths:
+        print(path)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from clients.evaluator import EvalOptions, evaluate, markdown_table
+
+    opts = EvalOptions(
+        saes=tuple(args.sae), cache=args.cache, out=args.out,
+        storage_options=parse_json_object(args.storage_options, "--storage-options"),
+        max_tokens=args.max_tokens, batch_sequences=args.batch_sequences,
+        exclude_bos=not args.include_bos, device=args.device,
+    )
+    print(markdown_table(evaluate(opts, progress=not args.quiet)), end="")
+    print(f"report: {Path(args.out) / 'eval.json'}, {Path(args.out) / 'eval.md'}, density PNGs in {args.out}")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from clients.sweep import load_sweep, run_sweep
+
+    results = run_sweep(load_sweep(args.sweep), progress=not args.quiet)
+    spec_out = Path(load_sweep(args.sweep).out)
+    print((spec_out / "results.md").read_text(), end="")
+    failed = [r for r in results if r["status"] != "ok"]
+    print(f"{len(results) - len(failed)} of {len(results)} points trained; table: {spec_out / 'results.csv'}")
+    return 1 if failed else 0
+
+
 def cmd_demo(args) -> int:
     from services.demo import DemoOptions, run_demo
 
@@ -152,6 +207,73 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_processing_flags(p)
     p.set_defaults(func=cmd_cache_build)
+
+    from services.server import add_serve_parser
+
+    add_serve_parser(sub)
+
+    p = sub.add_parser(
+        "train", help="train SAEs on one hook's activations streamed from a server",
+        description="Train one SAE (or several configs on the same batches: comma lists in --arch, --expansion, "
+                    "--l1-coefficient, --k, --lr) on one hook, streaming shuffled activations from an actserve "
+                    "server. Checkpoints every --checkpoint-every tokens; rerun the same command to resume. "
+                    "Writes the SAE in SAELens's layout (cfg.json, sae_weights.safetensors, sparsity.safetensors) "
+                    "and metrics.jsonl.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--server", required=True, help="grpc:// location of `actserve serve`")
+    p.add_argument("--cache", required=True, help="cache name or URL, as the server serves it")
+    p.add_argument("--hook", required=True, help="hook to train on, e.g. blocks.8.hook_resid_pre")
+    p.add_argument("--tokens", type=int, required=True, help="token budget; more than the split holds means more epochs")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--arch", type=csv_of(str, "--arch"), default=("standard",), help="standard, gated, topk, normalized (comma list)")
+    p.add_argument("--expansion", type=csv_of(int, "--expansion"), default=(32,), help="d_sae / d_in (comma list)")
+    p.add_argument("--l1-coefficient", type=csv_of(float, "--l1-coefficient"), default=(8e-5,),
+                   help="L1 coefficient; for normalized SAEs alpha, with beta = alpha * E|x|^2 (comma list)")
+    p.add_argument("--k", type=csv_of(int, "--k"), default=(32,), help="active latents of topk SAEs (comma list)")
+    p.add_argument("--lr", type=csv_of(float, "--lr"), default=(4e-4,), help="Adam learning rate (comma list)")
+    p.add_argument("--batch-size", type=int, default=4096, help="tokens per step")
+    p.add_argument("--lr-warmup-steps", type=int, default=1000)
+    p.add_argument("--lr-decay", choices=["constant", "cosine", "linear"], default="constant")
+    p.add_argument("--l1-warmup-steps", type=int, default=0)
+    p.add_argument("--ghost-grads", action="store_true", help="ghost grads for dead features (standard SAEs)")
+    p.add_argument("--dead-feature-window", type=int, default=1000, help="steps without firing that make a feature dead")
+    p.add_argument("--scale-to-sqrt-d", action="store_true",
+                   help="scale inputs to E|x|^2 = d_in (SAELens style), folded back into the weights at export")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=1_000_000, help="tokens between checkpoints")
+    p.add_argument("--log-every", type=int, default=50, help="steps between metrics.jsonl records")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--wandb-project", default=None, help="also log to this Weights & Biases project")
+    p.add_argument("--token-env", default="ACTSERVE_TOKEN", help="environment variable holding the server's bearer token")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "eval", help="CE-loss-recovered scoring of SAEs on the cache's eval split",
+        description="Score SAEs on the cache's held-out eval split: CE clean / with reconstruction / zero-ablated, "
+                    "CE recovered, KL, explained variance, L0, L1, alive and dense features, norm ratio. "
+                    "Residual hooks run only the layers after the hook, from the cached activations. Writes "
+                    "eval.json, eval.md (the seed's table) and a log10 feature-density PNG per SAE.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--sae", action="append", required=True, help="SAE directory (SAELens layout; repeatable)")
+    p.add_argument("--cache", required=True, help="cache URL")
+    p.add_argument("--out", required=True, help="report directory")
+    p.add_argument("--storage-options", default="{}", help="JSON of fsspec options")
+    p.add_argument("--max-tokens", type=int, default=None, help="eval tokens to use (default: the whole eval split)")
+    p.add_argument("--batch-sequences", type=int, default=8)
+    p.add_argument("--include-bos", action="store_true", help="splice and score the BOS position too")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    import clients.sweep as sweep_module  # light: torch is imported when the sweep runs
+
+    p = sub.add_parser("sweep", help="train a grid of SAEs concurrently on Ray, then evaluate them",
+                       description=sweep_module.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sweep", help="sweep YAML file")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_sweep)
 
     p = cache.add_parser("info", help="print a cache's summary", description="Print the summary of the cache at URL.")
     p.add_argument("url")

@@ -1,13 +1,21 @@
 """`actserve demo`: the whole pipeline, offline, on this machine.
 
-Makes the tiny model once (reused afterwards), writes the local corpus, builds a cache of every
-layer's residual stream with train and eval splits, and prints the cache summary.
+  1. the tiny model and its corpus (made once under --workdir, reused afterwards);
+  2. a cache of every layer's residual stream, train and eval splits, on local disk (Ray actors);
+  3. a server actor streaming it over Arrow Flight;
+  4. one standard-SAE trainer per layer plus one Normalized-SAE trainer, concurrently, as Ray tasks;
+  5. the evaluator: the seed-style table, density-histogram PNGs and a JSON report.
 """
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+DEMO_EXPANSION = 8        # d_sae = 8 * d_model: the tiny model's residual stream is 128 wide
+DEMO_L1 = 3e-3            # for standard SAEs on the tiny model's (unscaled) residual stream
+DEMO_NORMALIZED_ALPHA = 1e-2
 
 
 @dataclass(frozen=True)
@@ -16,6 +24,7 @@ class DemoOptions:
     tokens: int = 2_000_000
     eval_tokens: int = 100_000
     context_size: int = 128
+    batch_size: int = 2048
 
     def __post_init__(self):
         if self.tokens <= 0:
@@ -36,19 +45,62 @@ def prepare_model(workdir: Path) -> tuple[Path, Path]:
         write_stdlib_corpus(tmp)
         tmp.replace(corpus)
     model = workdir / "tiny-model"
-    print(json.dumps({"tiny_model": make_tiny_model(model, corpus_path=corpus)}))
+    make_tiny_model(model, corpus_path=corpus)
     return corpus, model
 
 
+def demo_points(manifest, out: Path, tokens: int, batch_size: int) -> list:
+    """A standard SAE per cached layer, and a Normalized SAE on the middle layer."""
+    from clients.trainer import TrainOptions
+
+    hooks = list(manifest.config.hooks)
+    common = dict(tokens=tokens, batch_size=batch_size, expansions=(DEMO_EXPANSION,), lr_warmup_steps=50,
+                  checkpoint_every=max(tokens // 4, batch_size), log_every=20)
+    points = [TrainOptions(hook=h, out=str(out / "saes" / f"{h}-standard"), l1_coefficients=(DEMO_L1,), **common)
+              for h in hooks]
+    middle = hooks[len(hooks) // 2]
+    points.append(TrainOptions(hook=middle, out=str(out / "saes" / f"{middle}-normalized"), architectures=("normalized",),
+                               l1_coefficients=(DEMO_NORMALIZED_ALPHA,), **common))
+    return points
+
+
 def run_demo(opts: DemoOptions) -> int:
-    from services.build import BuildOptions, build_cache
+    from clients.sweep import SweepSpec, run_sweep
+    from services.build import BuildOptions, build_cache, ensure_ray
     from services.cache import summary
 
+    timings = {}
+    t0 = time.perf_counter()
     corpus, model = prepare_model(opts.workdir)
+    timings["model_s"] = time.perf_counter() - t0
+
+    ensure_ray()
     cache_url = str(opts.workdir / f"cache-{opts.tokens}")
+    t0 = time.perf_counter()
     manifest = build_cache(BuildOptions(
         model=str(model), dataset=str(corpus), hooks="blocks.*.hook_resid_pre", out=cache_url,
         tokens=opts.tokens, eval_tokens=opts.eval_tokens, context_size=opts.context_size,
     ))
+    timings["cache_s"] = time.perf_counter() - t0
     print(summary(manifest, cache_url))
-    return 0
+
+    out = opts.workdir / f"demo-{opts.tokens}"
+    train_tokens = manifest.train.num_tokens  # one epoch for every trainer
+    spec = SweepSpec(cache=cache_url, out=str(out), tokens=train_tokens, grid={"hook": list(manifest.config.hooks)})
+    points = demo_points(manifest, out, train_tokens, opts.batch_size)
+    t0 = time.perf_counter()
+    results = run_sweep(spec, points=points)
+    timings["train_and_eval_s"] = time.perf_counter() - t0
+
+    failed = [r for r in results if r["status"] != "ok"]
+    report = {"options": {k: str(v) for k, v in opts.__dict__.items()}, "timings": timings,
+              "cached_tokens": manifest.train.num_tokens + manifest.eval.num_tokens,
+              "trained_tokens": train_tokens * (len(results) - len(failed)), "results": results}
+    (out / "demo.json").write_text(json.dumps(report, indent=1, default=str))
+    print()
+    print((out / "eval" / "eval.md").read_text() if (out / "eval" / "eval.md").exists() else "no SAE finished")
+    print(f"cache {timings['cache_s']:.0f} s, training + eval {timings['train_and_eval_s']:.0f} s; "
+          f"report {out / 'demo.json'}, table {out / 'eval' / 'eval.md'}, density plots in {out / 'eval'}")
+    for r in failed:
+        print(f"FAILED {r['point']}: {r['error']}")
+    return 1 if failed else 0

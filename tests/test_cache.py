@@ -1,6 +1,7 @@
 """The activation cache: real model actors on a local Ray, real Parquet files, local disk and S3."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from services.build import BuildOptions, build_cache
 from services.cache import decode_activations, open_url, read_manifest, read_shard
 from services.cli import main as cli_main
 from services.data import DatasetSpec, iter_documents, iter_sequences
+from tests.conftest import free_port
 
 HOOKS = "blocks.0.hook_resid_pre,blocks.1.hook_resid_post"
 SMALL = dict(tokens=2048, eval_tokens=512, context_size=32, shard_mb=0.02, batch_sequences=2)
@@ -206,3 +208,30 @@ def test_cache_info(built, capsys):
     assert "2,048 tokens" in text and "complete" in text
     assert cli_main(["cache", "info", str(out), "--json"]) == 0
     assert '"d_model"' in capsys.readouterr().out
+
+
+# --- object storage that cannot be used: the message says which problem and what to set -------
+
+
+def test_missing_bucket(tiny_model, corpus, ray_session, s3_options, capsys):
+    args = cli_build_args(tiny_model, corpus, "s3://no-such-bucket/cache")
+    args += ["--storage-options", json.dumps(s3_options)]
+    assert "bucket 'no-such-bucket' does not exist" in run_cli_error(capsys, args)
+
+
+def test_refusing_endpoint(capsys):
+    options = {"client_kwargs": {"endpoint_url": f"http://127.0.0.1:{free_port()}"}, "key": "k", "secret": "s",
+               "config_kwargs": {"retries": {"max_attempts": 1}}}
+    err = run_cli_error(capsys, ["cache", "info", "s3://bucket/cache", "--storage-options", json.dumps(options)])
+    assert "endpoint did not answer" in err and "endpoint_url" in err
+
+
+def test_missing_credentials(s3_endpoint, monkeypatch, capsys):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    options = {"client_kwargs": {"endpoint_url": s3_endpoint}, "skip_instance_cache": True}  # fresh credential lookup
+    err = run_cli_error(capsys, ["cache", "info", "s3://actserve-test/cache", "--storage-options", json.dumps(options)])
+    assert "no credentials found" in err and "AWS_ACCESS_KEY_ID" in err
