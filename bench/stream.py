@@ -1,0 +1,215 @@
+"""Streaming benchmark: each figure next to its reference, measured in the same run, and the ratio.
+
+  * one stream (server process -> ActivationStream, cache dtype, CPU) vs pyarrow reading the same
+    shards' hook columns from local disk (page cache warm for both);
+  * 4 concurrent streams (4 client processes, one server process) aggregate vs one stream;
+  * client cost per batch: Flight record batch -> torch tensors vs torch.from_numpy of the same bytes;
+  * CUDA: one stream to a CUDA device, when there is one.
+
+The cache is synthetic and GPT-2-small-shaped: d_model 768, 4 hooks, float16, context 128.
+Figures swing between runs on shared machines; the ratios measured side by side are what count.
+
+    python bench/stream.py [--dir /tmp/actserve-bench] [--shards 12] [--repeat 3]
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.flight as flight
+import pyarrow.parquet as pq
+import torch
+
+from clients.stream import ActivationStream, batch_to_tensors
+from proto.stream_pb2 import StreamRequest
+from services.cache import read_manifest
+from services.server import ServeOptions, spawn_server
+from services.synthetic import SyntheticSpec, write_synthetic_cache
+
+HOOKS = tuple(f"blocks.{i}.hook_resid_pre" for i in (2, 5, 8, 11))
+BATCH = 4096
+
+
+def ensure_cache(directory: Path, shards: int) -> tuple[str, int]:
+    url = str(directory / "gpt2-small-synthetic")
+    spec = SyntheticSpec(hooks=HOOKS, d_model=768, context_size=128, sequences_per_shard=40, train_shards=shards,
+                         eval_shards=0, dtype="float16")
+    manifest = read_manifest(url)
+    if manifest is None or len(manifest.train.shards) != shards:
+        write_synthetic_cache(url, spec)
+        manifest = read_manifest(url)
+    return url, manifest.train.num_tokens
+
+
+def row_bytes() -> int:
+    return len(HOOKS) * 768 * 2
+
+
+def time_pyarrow(url: str) -> float:
+    """Seconds to read every train shard's hook columns with pyarrow (what the server reads)."""
+    paths = sorted((Path(url) / "train").glob("*.parquet"))
+    start = time.perf_counter()
+    for path in paths:
+        pq.read_table(path, columns=list(HOOKS))
+    return time.perf_counter() - start
+
+
+def time_stream(location: str, seed: int = 0, device: str = "cpu") -> float:
+    """Seconds for one epoch through ActivationStream, in the cache dtype (no conversion)."""
+    start = time.perf_counter()
+    tokens = 0
+    for batch in ActivationStream(location, cache="gpt2-small-synthetic", batch_size=BATCH, seed=seed, dtype=None,
+                                  drop_bos=False, device=device):
+        tokens += len(batch[HOOKS[0]])
+    if device != "cpu":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def time_raw_flight(location: str) -> float:
+    """Seconds for the same epoch read by a bare pyarrow.flight client: the server's share."""
+    request = StreamRequest(cache="gpt2-small-synthetic", batch_size=BATCH)
+    start = time.perf_counter()
+    for _ in flight.connect(location).do_get(flight.Ticket(request.SerializeToString())):
+        pass
+    return time.perf_counter() - start
+
+
+class ReplayServer(flight.FlightServerBase):
+    """Batches of the stream's shape, built once in memory: what Flight alone costs on this machine."""
+
+    def __init__(self, tokens: int):
+        super().__init__("grpc://127.0.0.1:0")
+        width = row_bytes()
+        column = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), BATCH, [None, pa.py_buffer(np.random.bytes(BATCH * width))])
+        self.table = pa.Table.from_batches([pa.record_batch([column], names=["x"])] * (tokens // BATCH))
+
+    def do_get(self, context, ticket):
+        return flight.RecordBatchStream(self.table)
+
+
+def run_replay_server(tokens: int, ports: mp.Queue) -> None:
+    server = ReplayServer(tokens)
+    ports.put(server.port)
+    server.serve()
+
+
+def transport_ceiling(tokens: int, repeat: int) -> float:
+    """Median seconds to receive `tokens` rows of prebuilt batches from another process."""
+    ctx = mp.get_context("spawn")
+    ports = ctx.Queue()
+    proc = ctx.Process(target=run_replay_server, args=(tokens, ports), daemon=True)
+    proc.start()
+    try:
+        client = flight.connect(f"grpc://127.0.0.1:{ports.get()}")
+        times = []
+        for _ in range(repeat + 1):  # the first warms up
+            start = time.perf_counter()
+            for _ in client.do_get(flight.Ticket(b"")):
+                pass
+            times.append(time.perf_counter() - start)
+        return statistics.median(times[1:]) * tokens / (tokens // BATCH * BATCH)
+    finally:
+        proc.kill()
+
+
+def stream_worker(location: str, seed: int, start_at: float, out: mp.Queue) -> None:
+    time.sleep(max(0.0, start_at - time.time()))
+    out.put(time_stream(location, seed))
+
+
+def time_concurrent(location: str, n: int) -> float:
+    """Wall seconds for n client processes to each read a whole epoch (different seeds)."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    start_at = time.time() + 3.0  # every process imported and waiting
+    procs = [ctx.Process(target=stream_worker, args=(location, seed, start_at, out)) for seed in range(n)]
+    for p in procs:
+        p.start()
+    durations = [out.get() for _ in procs]
+    for p in procs:
+        p.join()
+    return max(durations)
+
+
+def client_cost(location: str) -> tuple[float, float]:
+    """Microseconds per batch: Flight batch -> tensors, and torch.from_numpy of the same bytes."""
+    request = StreamRequest(cache="gpt2-small-synthetic", batch_size=BATCH, hooks=list(HOOKS))
+    batches = [c.data for c in flight.connect(location).do_get(flight.Ticket(request.SerializeToString()))][:-1]
+    arrays = [{h: np.frombuffer(b.column(h).buffers()[1], np.float16).reshape(-1, 768) for h in HOOKS} for b in batches]
+    reps = 20
+
+    start = time.perf_counter()
+    for _ in range(reps):
+        for b in batches:
+            batch_to_tensors(b)
+    ours = (time.perf_counter() - start) / (reps * len(batches))
+
+    start = time.perf_counter()
+    for _ in range(reps):
+        for a in arrays:
+            {h: torch.from_numpy(v) for h, v in a.items()}
+    plain = (time.perf_counter() - start) / (reps * len(arrays))
+    return ours * 1e6, plain * 1e6
+
+
+def line(what: str, value: float, unit: str, ref_what: str, ref: float, higher_is_better: bool = True) -> None:
+    """One figure, its reference (same unit) and the ratio (> 1: better than the reference)."""
+    ratio = value / ref if higher_is_better else ref / value
+    print(f"  {what:<34} {value:>10,.1f} {unit:<9} | {ref_what:<34} {ref:>10,.1f} {unit:<9} | ratio {ratio:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", default="/tmp/actserve-bench")
+    parser.add_argument("--shards", type=int, default=12, help="31.5 MB shards of 5120 tokens")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each measurement; medians are shown")
+    args = parser.parse_args()
+
+    url, tokens = ensure_cache(Path(args.dir), args.shards)
+    gb = tokens * row_bytes() / 1e9
+    print(f"cache {url}: {tokens:,} tokens, {len(HOOKS)} hooks x d_model 768 float16, {gb:.2f} GB of activations;"
+          f" batch {BATCH}; {torch.get_num_threads()} CPU threads; median of {args.repeat}")
+    proc, location = spawn_server(ServeOptions(caches=(url,), local_cache_gb=0))
+    try:
+        time_pyarrow(url)  # warm the page cache for both sides
+        time_stream(location)
+        ref, one = [], []
+        for _ in range(args.repeat):  # interleaved, so both see the same machine
+            ref.append(time_pyarrow(url))
+            one.append(time_stream(location))
+        ref_s, one_s = statistics.median(ref), statistics.median(one)
+        print("one stream vs pyarrow reading the same shards from local disk")
+        line("stream tokens/s", tokens / one_s / 1e3, "k tok/s", "pyarrow read tokens/s", tokens / ref_s / 1e3)
+        line("stream GB/s", gb / one_s, "GB/s", "pyarrow read GB/s", gb / ref_s)
+        raw = statistics.median(time_raw_flight(location) for _ in range(args.repeat))
+        line("same stream, bare pyarrow.flight", gb / raw, "GB/s", "pyarrow read GB/s", gb / ref_s)
+        ceiling = transport_ceiling(tokens, args.repeat)
+        line("Flight ceiling: prebuilt batches", gb / ceiling, "GB/s", "pyarrow read GB/s", gb / ref_s)
+
+        four = statistics.median(time_concurrent(location, 4) for _ in range(args.repeat))
+        print("4 concurrent streams (4 client processes, 1 server process) vs one stream")
+        line("4 streams aggregate tokens/s", 4 * tokens / four / 1e3, "k tok/s", "one stream tokens/s", tokens / one_s / 1e3)
+
+        ours, plain = client_cost(location)
+        print(f"client cost per batch of {BATCH} tokens x {len(HOOKS)} hooks (lower is better)")
+        line("Flight batch -> torch tensors", ours, "us", "torch.from_numpy, same bytes", plain, higher_is_better=False)
+
+        if torch.cuda.is_available():
+            cuda = statistics.median(time_stream(location, device="cuda") for _ in range(args.repeat))
+            print("one stream to CUDA vs to CPU")
+            line("stream to cuda tokens/s", tokens / cuda / 1e3, "k tok/s", "stream to cpu tokens/s", tokens / one_s / 1e3)
+        else:
+            print("CUDA: not available on this machine, skipped")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,331 @@
+"""ActivationStream: cached activations from an actserve server as torch tensors, for training loops.
+
+    stream = ActivationStream("grpc://127.0.0.1:8815", cache="gpt2-small", hooks=["blocks.8.hook_resid_pre"],
+                              batch_size=4096, seed=0, consumer_index=rank, num_consumers=world_size)
+    for batch in stream:                    # one epoch of this rank's disjoint part
+        x = batch["blocks.8.hook_resid_pre"]  # [4096, d_model] float32
+    torch.save(stream.state_dict(), ...)    # ... and load_state_dict() to resume exactly there
+
+A background thread reads a few batches ahead (`prefetch`) and turns each Arrow batch into tensors
+that view Arrow's buffers (no copy; one copy into pinned memory when the device is CUDA, then a
+non-blocking transfer). Activations travel in the cache's dtype and are converted on the device.
+
+The stream survives server restarts: on an unavailable server it reconnects with exponential
+backoff, to the same or another replica, and asks for the rest of the epoch from the last row it
+received (`start`), so no token is lost or repeated. It gives up after `reconnect_timeout` seconds
+without progress, with an error naming the servers it tried.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import pyarrow as pa
+import pyarrow.flight as flight
+import torch
+
+from proto.manifest_pb2 import HookStats, Manifest
+from proto.stream_pb2 import CacheList, ListCachesRequest, ServerStats, StreamRequest
+from services.cache import META_COLUMNS, decode_activations
+
+MODES = {"shuffled": StreamRequest.SHUFFLED_TOKENS, "sequences": StreamRequest.SEQUENCES}
+META_DTYPES = {"sequence": torch.int64, "position": torch.int32, "token": torch.int32}
+# what resume must keep equal: these decide the order (hooks and batch_size do not)
+ORDER_FIELDS = ("cache", "split", "seed", "consumer_index", "num_consumers", "drop_bos", "mode", "block_shards")
+_END = object()
+
+# Tensors view Arrow's receive buffers, which are read-only: that is the point (no copy). Treat
+# batches as read-only; torch's one-time warning about it would only alarm users.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+
+
+class StreamUnavailable(ConnectionError):
+    """No server answered for reconnect_timeout seconds."""
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    cache: str                              # name or URL the server serves
+    hooks: tuple[str, ...] = ()             # () = every hook of the cache
+    batch_size: int = 4096                  # tokens per batch (the epoch's last may be short)
+    seed: int = 0
+    consumer_index: int = 0
+    num_consumers: int = 1
+    split: str = "train"
+    epochs: int | None = 1                  # read epochs up to this number (a resumed stream ends there too);
+                                            # None: endless. Each epoch has its own order
+    dtype: torch.dtype | None = torch.float32  # None: the cache's dtype
+    device: str = "cpu"
+    drop_bos: bool = True
+    include_meta: bool = False              # also `sequence`, `position`, `token` tensors
+    mode: str = "shuffled"                  # or "sequences": whole sequences in order (evaluators)
+    block_shards: int = 0                   # shuffle block in shards; 0: the server's default
+    follow: bool = False                    # stream a cache still being built (proto/stream.proto)
+    prefetch: int = 4                       # batches read ahead
+    token: str | None = None                # bearer token, for a server started with one
+    tls_root_certs: bytes | None = None     # PEM roots to verify a grpc+tls:// server
+    call_timeout: float = 30.0              # seconds for one metadata call (info, actions)
+    reconnect_timeout: float = 60.0         # give up after this long without progress
+    backoff: tuple[float, float] = (0.1, 5.0)  # first and longest wait between reconnects
+
+    def __post_init__(self):
+        checks = [
+            (bool(self.cache), "cache is empty"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (0 <= self.consumer_index < self.num_consumers,
+             f"consumer_index must be in 0..{self.num_consumers - 1}, got {self.consumer_index}"),
+            (self.epochs is None or self.epochs >= 1, f"epochs must be >= 1 or None, got {self.epochs}"),
+            (self.mode in MODES, f"mode must be one of {', '.join(MODES)}, got {self.mode!r}"),
+            (self.prefetch >= 1, f"prefetch must be >= 1, got {self.prefetch}"),
+            (self.dtype in (None, torch.float32, torch.float16, torch.bfloat16), f"unsupported dtype {self.dtype}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def request(self) -> StreamRequest:
+        return StreamRequest(
+            cache=self.cache, split=self.split, hooks=list(self.hooks), batch_size=self.batch_size, seed=self.seed,
+            consumer_index=self.consumer_index, num_consumers=self.num_consumers, include_meta=self.include_meta,
+            drop_bos=self.drop_bos, mode=MODES[self.mode], block_shards=self.block_shards, follow=self.follow,
+        )
+
+
+class ActivationStream:
+    """Iterable of {hook: Tensor[batch, d_model]} (plus meta columns when asked), epoch after epoch."""
+
+    def __init__(self, location: str | list[str], options: StreamOptions | None = None, **kwargs):
+        self.options = replace(options, **kwargs) if options else StreamOptions(**kwargs)
+        self.locations = [location] if isinstance(location, str) else list(location)
+        if not self.locations:
+            raise ValueError("give at least one server location (grpc://host:port)")
+        self._preferred = self.options.consumer_index % len(self.locations)  # spread consumers over replicas
+        self._base: StreamRequest | None = None  # the server-resolved request
+        self._cache_info = None
+        self.epoch = 0              # state as the caller has consumed it
+        self.position = 0           # tokens of this epoch's part received by the caller
+        self.epoch_tokens: int | None = None  # this consumer's tokens in the current epoch (None in follow mode)
+        self.reconnects = 0         # streams resumed after a server became unavailable
+        self._stop = threading.Event()
+        self._reader: threading.Thread | None = None
+        self._flight_reader = None  # the open do_get, cancelled by close()
+        self._device = torch.device(self.options.device)
+
+    # -- what trainers ask before streaming --
+
+    @property
+    def manifest(self) -> Manifest:
+        if self._cache_info is None:
+            body = ListCachesRequest(cache=self.options.cache).SerializeToString()
+            (result,) = self._call(lambda c, o: list(c.do_action(flight.Action("list-caches", body), o)))
+            self._cache_info = CacheList.FromString(result.body.to_pybytes()).caches[0]
+        return self._cache_info.manifest
+
+    @property
+    def d_model(self) -> int:
+        return self.manifest.d_model
+
+    @property
+    def hooks(self) -> list[str]:
+        return list(self.resolved_request().hooks)
+
+    @property
+    def hook_stats(self) -> dict[str, HookStats]:
+        """Per-hook statistics of the train split (mean, E|x|, E|x|^2), for normalisation."""
+        return dict(self.manifest.stats)
+
+    def server_stats(self) -> ServerStats:
+        (result,) = self._call(lambda c, o: list(c.do_action(flight.Action("stats", b""), o)))
+        return ServerStats.FromString(result.body.to_pybytes())
+
+    def resolved_request(self) -> StreamRequest:
+        """The request with the server's defaults filled in (block_shards, hooks...), fetched once."""
+        if self._base is None:
+            self._flight_info(self.options.request())
+        return self._base
+
+    # -- resume --
+
+    def state_dict(self) -> dict:
+        """Where the caller is: reload into a stream with the same order fields to continue exactly."""
+        request = self.resolved_request()
+        state = {name: getattr(request, name) for name in ORDER_FIELDS}
+        return {**state, "epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self._reader is not None:
+            raise RuntimeError("load_state_dict before iterating, not during")
+        request = self.resolved_request()
+        explicit = [n for n in ORDER_FIELDS if n != "block_shards" or self.options.block_shards]
+        different = [f"{n}: saved {state[n]!r}, now {getattr(request, n)!r}" for n in explicit if state[n] != getattr(request, n)]
+        if different:
+            raise ValueError("the saved stream had another order, it cannot resume here: " + "; ".join(different))
+        request.block_shards = state["block_shards"]  # the order it was saved with, whatever the server's default now
+        self.epoch, self.position = state["epoch"], state["position"]
+
+    # -- iteration --
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self._reader is not None:
+            raise RuntimeError("an ActivationStream is iterated once; make another to read again")
+        self.resolved_request()
+        items: queue.Queue = queue.Queue(maxsize=self.options.prefetch)
+        self._reader = threading.Thread(target=self._read, args=(items,), daemon=True, name="actserve-stream")
+        self._reader.start()
+        try:
+            while (item := items.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                epoch, position, epoch_tokens, tensors = item
+                if self._device.type != "cpu":  # from pinned memory; converted on the device
+                    tensors = {k: self._convert(k, v.to(self._device, non_blocking=True)) for k, v in tensors.items()}
+                self.epoch, self.position, self.epoch_tokens = epoch, position, epoch_tokens
+                yield tensors
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._flight_reader is not None:
+            self._flight_reader.cancel()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _read(self, items: queue.Queue) -> None:
+        """Reader thread: every batch of every epoch from the caller's position on, into `items`."""
+        try:
+            epoch, position = self.epoch, self.position
+            while self.options.epochs is None or epoch < self.options.epochs:
+                request = StreamRequest()
+                request.CopyFrom(self._base)
+                request.epoch = epoch
+                epoch_tokens = self._epoch_tokens(request)
+                for batch in self._epoch_batches(request, position):
+                    position += batch.num_rows
+                    if not self._put(items, (epoch, position, epoch_tokens, self._tensors(batch))):
+                        return
+                epoch, position = epoch + 1, 0
+            self._put(items, _END)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            self._put(items, e)
+
+    def _put(self, items: queue.Queue, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _epoch_tokens(self, request: StreamRequest) -> int | None:
+        info = self._flight_info(request)
+        return None if info.total_records < 0 else info.total_records
+
+    def _epoch_batches(self, request: StreamRequest, start: int) -> Iterator[pa.RecordBatch]:
+        """The epoch's batches from `start`, reconnecting and resuming after the last row received."""
+        wait, deadline = self.options.backoff[0], time.monotonic() + self.options.reconnect_timeout
+        while True:
+            request.start = start
+            location = self.locations[self._preferred]
+            try:
+                client = self._client(location)
+                reader = client.do_get(flight.Ticket(request.SerializeToString()), self._call_options(timeout=None))
+                self._flight_reader = reader
+                while True:
+                    try:
+                        batch = reader.read_chunk().data
+                    except StopIteration:
+                        return
+                    start += batch.num_rows
+                    wait, deadline = self.options.backoff[0], time.monotonic() + self.options.reconnect_timeout
+                    yield batch
+            except (flight.FlightUnavailableError, flight.FlightTimedOutError) as e:
+                if time.monotonic() + wait > deadline or self._stop.is_set():
+                    raise self._unreachable(e) from e
+                self._preferred = (self._preferred + 1) % len(self.locations)  # try the next replica
+                self.reconnects += 1
+                time.sleep(wait)
+                wait = min(2 * wait, self.options.backoff[1])
+
+    def _tensors(self, batch: pa.RecordBatch) -> dict[str, torch.Tensor]:
+        tensors = batch_to_tensors(batch)
+        if self._device.type == "cuda":
+            return {k: v.pin_memory() for k, v in tensors.items()}
+        if self._device.type == "cpu":
+            return {k: self._convert(k, v) for k, v in tensors.items()}
+        return tensors
+
+    def _convert(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        dtype = self.options.dtype
+        return tensor if dtype is None or name in META_COLUMNS else tensor.to(dtype)
+
+    # -- calls --
+
+    def _client(self, location: str) -> flight.FlightClient:
+        # a fresh client per (re)connection: gRPC's reconnect backoff of an old channel can reach minutes
+        return flight.FlightClient(location, tls_root_certs=self.options.tls_root_certs)
+
+    def _call_options(self, timeout: float | None) -> flight.FlightCallOptions:
+        headers = [(b"authorization", f"Bearer {self.options.token}".encode())] if self.options.token else []
+        return flight.FlightCallOptions(timeout=timeout, headers=headers)
+
+    def _call(self, fn):
+        """A metadata call, with the same retry and backoff as streaming."""
+        wait, deadline = self.options.backoff[0], time.monotonic() + self.options.reconnect_timeout
+        while True:
+            location = self.locations[self._preferred]
+            try:
+                return fn(self._client(location), self._call_options(self.options.call_timeout))
+            except (flight.FlightUnavailableError, flight.FlightTimedOutError) as e:
+                if time.monotonic() + wait > deadline:
+                    raise self._unreachable(e) from e
+                self._preferred = (self._preferred + 1) % len(self.locations)
+                time.sleep(wait)
+                wait = min(2 * wait, self.options.backoff[1])
+
+    def _flight_info(self, request: StreamRequest) -> flight.FlightInfo:
+        descriptor = flight.FlightDescriptor.for_command(request.SerializeToString())
+        info = self._call(lambda c, o: c.get_flight_info(descriptor, o))
+        (endpoint,) = info.endpoints
+        if self._base is None:
+            self._base = StreamRequest.FromString(endpoint.ticket.ticket)
+        for location in endpoint.locations:  # the server's replicas join the ones we were given
+            if location.uri.decode() not in self.locations:
+                self.locations.append(location.uri.decode())
+        return info
+
+    def _unreachable(self, error: Exception) -> StreamUnavailable:
+        return StreamUnavailable(
+            f"no actserve server answered at {', '.join(self.locations)} for {self.options.reconnect_timeout:.0f} s "
+            f"(last error: {str(error).splitlines()[0]}). Is the server running? Start one with "
+            f"`actserve serve --cache <URL of {self.options.cache}> --port <port>` and point the stream at its grpc:// location."
+        )
+
+
+def batch_to_tensors(batch: pa.RecordBatch) -> dict[str, torch.Tensor]:
+    """A stream's record batch as tensors viewing its buffers (no copy): [rows, d_model] per hook
+    in the stream's dtype, [rows] per meta column."""
+    out = {}
+    for field, column in zip(batch.schema, batch.columns):
+        if field.name in META_COLUMNS:
+            out[field.name] = primitive_tensor(column, META_DTYPES[field.name])
+        else:
+            out[field.name] = decode_activations(column, field.metadata[b"dtype"].decode(), int(field.metadata[b"d_model"]))
+    return out
+
+
+def primitive_tensor(column: pa.Array, dtype: torch.dtype) -> torch.Tensor:
+    """A view of a null-free primitive Arrow array's values."""
+    data = column.buffers()[1]
+    start = column.offset * dtype.itemsize
+    view = memoryview(data)[start:start + len(column) * dtype.itemsize]
+    return torch.frombuffer(view, dtype=dtype) if len(view) else torch.empty(0, dtype=dtype)

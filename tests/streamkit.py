@@ -1,0 +1,50 @@
+"""Helpers of the streaming tests: real servers on 127.0.0.1, in a thread or in their own process."""
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.flight as flight
+
+from services.server import ActivationServer, ServeOptions, spawn_server
+
+
+@contextlib.contextmanager
+def running_server(caches, token: str | None = None, **options):
+    """An ActivationServer serving on a thread of this process."""
+    server = ActivationServer(ServeOptions(caches=tuple(caches), **{"local_cache_gb": 0, **options}), token=token)
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        thread.join()
+
+
+def server_process(cache: str, port: int) -> subprocess.Popen:
+    """`serve()` in its own process (what `actserve serve --cache ... --port ...` runs), once it listens."""
+    proc, location = spawn_server(ServeOptions(caches=(cache,), port=port, local_cache_gb=0))
+    assert location == f"grpc://127.0.0.1:{port}", location
+    return proc
+
+
+def wait_until(predicate, timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def row_keys(sequence, position, context_size: int) -> np.ndarray:
+    """One integer per (sequence, position): the row's index in a split that starts at sequence 0."""
+    return np.asarray(sequence, dtype=np.int64) * context_size + np.asarray(position, dtype=np.int64)
+
+
+def read_table(location: str, ticket: bytes, headers=()) -> pa.Table:
+    client = flight.connect(location)
+    return client.do_get(flight.Ticket(ticket), flight.FlightCallOptions(headers=list(headers))).read_all()
