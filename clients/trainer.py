@@ -158,6 +158,9 @@ def train(opts: TrainOptions, source, d_in: int, stats, model_name: str = "", co
     wait = busy = 0.0
     next_checkpoint = (tokens // opts.checkpoint_every + 1) * opts.checkpoint_every
     batches = iter(source)
+    # Window metrics (explained variance, firing frequencies) re-encode a sampled batch: every step
+    # would cost a third of the step, ten samples per log window about 3%.
+    sample_every = max(1, opts.log_every // 10)
     while tokens < opts.tokens:
         t0 = time.perf_counter()
         try:
@@ -166,10 +169,13 @@ def train(opts: TrainOptions, source, d_in: int, stats, model_name: str = "", co
             raise RuntimeError(f"the stream ended after {tokens:,} of {opts.tokens:,} tokens") from None
         x = x[: opts.tokens - tokens].to(opts.device, torch.float32) * scale
         t1 = time.perf_counter()
+        sample = runs[0].trainer.n_steps % sample_every == 0 or tokens + len(x) >= opts.tokens
         for run in runs:
             if run.trainer.n_steps == 0:  # the seed recipe: b_dec starts at the geometric median
                 run.trainer.sae.initialize_b_dec(x)
-            run.last = run.trainer.step(x, metrics=run.metrics)
+            run.last = run.trainer.step(x)
+            if sample:
+                sample_metrics(run, x)
         tokens += len(x)
         t2 = time.perf_counter()
         wait, busy = wait + (t1 - t0), busy + (t2 - t1)
@@ -195,6 +201,14 @@ def train(opts: TrainOptions, source, d_in: int, stats, model_name: str = "", co
     if wandb_run is not None:
         wandb_run.finish()
     return export(opts, runs, scale)
+
+
+@torch.no_grad()
+def sample_metrics(run: Run, x: torch.Tensor) -> None:
+    sae = run.trainer.sae
+    sae.eval()
+    f = sae.encode(x)
+    run.metrics.update(x, sae.decode(f), f)
 
 
 def tokens_rate(bar) -> float:
@@ -243,13 +257,14 @@ def start_wandb(opts: TrainOptions, grid):
 
 
 def train_from_server(opts: TrainOptions, server: str | list[str], cache: str, token: str | None = None,
-                      progress: bool = True) -> list[Path]:
+                      progress: bool = True, reconnect_timeout: float = 60.0) -> list[Path]:
     """Train on `cache`'s train split streamed from `server`: endless epochs, each in a new order,
     BOS rows dropped, until the token budget is spent."""
     from clients.stream import ActivationStream
 
     stream = ActivationStream(server, cache=cache, hooks=[opts.hook], batch_size=opts.batch_size, seed=opts.seed,
-                              epochs=None, device=opts.device, drop_bos=True, token=token)
+                              epochs=None, device=opts.device, drop_bos=True, token=token,
+                              reconnect_timeout=reconnect_timeout)
     manifest = stream.manifest
     if opts.hook not in manifest.config.hooks:
         raise ValueError(f"--hook {opts.hook}: the cache has no such hook; cached hooks: {', '.join(manifest.config.hooks)}")

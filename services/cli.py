@@ -111,7 +111,8 @@ def cmd_train(args) -> int:
         scale_to_sqrt_d=args.scale_to_sqrt_d, seed=args.seed, checkpoint_every=args.checkpoint_every,
         log_every=args.log_every, device=args.device, wandb_project=args.wandb_project,
     )
-    paths = train_from_server(opts, args.server, args.cache, token=os.environ.get(args.token_env), progress=not args.quiet)
+    paths = train_from_server(opts, args.server, args.cache, token=os.environ.get(args.token_env),
+                              progress=not args.quiet, reconnect_timeout=args.reconnect_timeout)
     for path in paths:
         print(path)
     return 0
@@ -245,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--wandb-project", default=None, help="also log to this Weights & Biases project")
     p.add_argument("--token-env", default="ACTSERVE_TOKEN", help="environment variable holding the server's bearer token")
+    p.add_argument("--reconnect-timeout", type=float, default=60.0,
+                   help="seconds to keep retrying (with backoff) an unreachable server before giving up")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
 
@@ -298,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (UsageError, ValueError, CacheError, DatasetError) as e:
+    except (UsageError, ValueError, CacheError, DatasetError, ConnectionError) as e:
         print(f"actserve: error: {error_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

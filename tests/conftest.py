@@ -72,3 +72,29 @@ def s3_endpoint():
 def s3_options(s3_endpoint):
     """fsspec storage options pointing s3:// at the test endpoint."""
     return {"client_kwargs": {"endpoint_url": s3_endpoint}, "key": "testing", "secret": "testing"}
+
+
+TINY_CACHE = dict(hooks="blocks.0.hook_resid_pre,blocks.1.hook_resid_pre", tokens=196_608, eval_tokens=16_384,
+                  context_size=64, shard_mb=2.0, batch_sequences=32)
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tiny_model, corpus, ray_session, tmp_path_factory):
+    """A cache of both residual-stream hooks of the tiny model, with train and eval splits."""
+    from services.build import BuildOptions, build_cache
+
+    out = tmp_path_factory.mktemp("tiny-cache") / "tiny"
+    manifest = build_cache(BuildOptions(model=str(tiny_model), dataset=str(corpus), out=str(out), **TINY_CACHE),
+                           progress=False)
+    return str(out), manifest
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_cache):
+    """A real `actserve serve` process on 127.0.0.1 serving tiny_cache (named "tiny")."""
+    from services.server import ServeOptions, spawn_server
+
+    proc, location = spawn_server(ServeOptions(caches=(tiny_cache[0],)))
+    yield location
+    proc.terminate()
+    proc.wait(timeout=30)

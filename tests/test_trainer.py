@@ -1,0 +1,139 @@
+"""Trainer clients, sweeps and the no-leak guarantee, against a real server on 127.0.0.1."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from clients.stream import ActivationStream
+from clients.sweep import SweepError, load_sweep, run_sweep
+from clients.trainer import CHECKPOINT
+from services.cli import main as cli_main
+
+HOOKS = ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"]
+
+
+def train_args(server, out, tokens=32768, **flags):
+    args = ["train", "--server", server, "--cache", "tiny", "--hook", HOOKS[1], "--tokens", str(tokens),
+            "--out", str(out), "--batch-size", "512", "--expansion", "4", "--l1-coefficient", "3e-3",
+            "--lr-warmup-steps", "10", "--log-every", "8", "--quiet"]
+    for flag, value in flags.items():
+        args += [f"--{flag.replace('_', '-')}", str(value)]
+    return args
+
+
+def test_killed_trainer_resumes_to_identical_weights(tiny_server, tmp_path):
+    assert cli_main(train_args(tiny_server, tmp_path / "reference", checkpoint_every=4096)) == 0
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", *train_args(tiny_server, out, checkpoint_every=4096)],
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (out / CHECKPOINT).exists():  # kill -9 once a checkpoint is on disk
+            assert proc.poll() is None, "the trainer finished before it could be killed"
+            assert time.time() < deadline
+            time.sleep(0.05)
+        time.sleep(0.3)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not (out / "sae_weights.safetensors").exists()
+
+    assert cli_main(train_args(tiny_server, out, checkpoint_every=4096)) == 0
+    assert (out / "sae_weights.safetensors").read_bytes() == (tmp_path / "reference" / "sae_weights.safetensors").read_bytes()
+    assert not (out / CHECKPOINT).exists()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "l0", "explained_variance", "dead_features", "lr", "tokens_per_s", "data_wait_fraction"} <= set(records[-1])
+
+
+def test_standard_sae_on_tiny_model_is_good(tiny_server, tiny_cache, tmp_path):
+    """The acceptance bar: EV >= 0.9, CE recovered >= 0.9, < 10% dead, after a modest budget."""
+    from clients.evaluator import EvalOptions, evaluate
+
+    out = tmp_path / "sae"
+    assert cli_main(train_args(tiny_server, out, tokens=196_608, expansion=8, lr=1e-3)) == 0
+    (result,) = evaluate(EvalOptions(saes=(str(out),), cache=tiny_cache[0], out=str(tmp_path / "eval")), progress=False)
+    assert result["explained_variance"] >= 0.9, result
+    assert result["ce_recovered"] >= 0.9, result
+    assert result["dead_features"] < 0.1 * result["d_sae"], result
+
+
+def write_sweep(tmp_path, server, cache_url, **overrides) -> Path:
+    spec = {"cache": cache_url, "server": server, "out": str(tmp_path / "sweep"), "tokens": 8192,
+            "grid": {"hook": HOOKS, "architecture": ["standard", "topk"], "expansion": [2], "k": [8], "l1_coefficient": [3e-3]},
+            "train": {"batch_size": 512, "lr_warmup_steps": 4, "log_every": 4},
+            "eval": {"max_tokens": 2048}, **overrides}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_sweep_trains_concurrently_and_writes_the_table(tiny_server, tiny_cache, tmp_path):
+    spec = load_sweep(str(write_sweep(tmp_path, tiny_server, tiny_cache[0])))
+    results = run_sweep(spec, progress=False)
+    assert len(results) == 4 and all(r["status"] == "ok" for r in results), results
+    assert {r["hook"] for r in results} == set(HOOKS)
+    assert {r["architecture"] for r in results} == {"standard", "topk"}
+    table = (tmp_path / "sweep" / "results.md").read_text()
+    assert len(table.splitlines()) == 2 + 4 and "ce_recovered" in table
+    csv_rows = (tmp_path / "sweep" / "results.csv").read_text().splitlines()
+    assert len(csv_rows) == 5 and all(r["ce_recovered"] is not None for r in results)
+
+
+def test_failing_sweep_point_does_not_stop_the_others(tiny_server, tmp_path):
+    path = write_sweep(tmp_path, tiny_server, "tiny", eval=False,
+                       grid={"hook": [HOOKS[0], "blocks.9.hook_resid_pre"], "expansion": [2]})
+    results = run_sweep(load_sweep(str(path)), progress=False)
+    status = {r["point"].split("-")[0]: r for r in results}
+    assert status["blocks.0.hook_resid_pre"]["status"] == "ok"
+    assert status["blocks.9.hook_resid_pre"]["status"] == "failed"
+    assert "blocks.9.hook_resid_pre" in status["blocks.9.hook_resid_pre"]["error"]
+    assert "failed" in (tmp_path / "sweep" / "results.md").read_text()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"grdi": {}}, "unknown key grdi"),
+    ({"grid": {"hook": []}}, "grid.hook is empty"),
+    ({"grid": {"hook": HOOKS, "width": [2]}}, "unknown key grid.width"),
+    ({"train": {"batchsize": 3}}, "unknown key train.batchsize"),
+])
+def test_bad_sweep_files(tmp_path, change, message):
+    path = write_sweep(tmp_path, "grpc://127.0.0.1:1", "tiny", **change)
+    with pytest.raises(SweepError, match=message.replace(".", r"\.")):
+        load_sweep(str(path))
+
+
+def test_no_eval_sequence_in_a_training_stream(tiny_server, tiny_cache):
+    _, manifest = tiny_cache
+    eval_ids = {s.first_sequence + i for s in manifest.eval.shards for i in range(s.num_sequences)}
+    stream = ActivationStream(tiny_server, cache="tiny", hooks=[HOOKS[0]], batch_size=8192, include_meta=True, seed=3)
+    seen = set()
+    for batch in stream:
+        seen.update(batch["sequence"].unique().tolist())
+    assert seen and not seen & eval_ids
+    assert len(seen) == sum(s.num_sequences for s in manifest.train.shards)
+
+
+def test_train_rejects_a_hook_the_cache_lacks(tiny_server, tmp_path, capsys):
+    args = train_args(tiny_server, tmp_path / "x")
+    args[args.index("--hook") + 1] = "blocks.0.hook_mlp_out"
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert "blocks.0.hook_mlp_out" in err and len(err.strip().splitlines()) == 1
+
+
+def test_train_without_a_server_says_what_to_start(tmp_path, capsys):
+    from tests.conftest import free_port
+
+    args = train_args(f"grpc://127.0.0.1:{free_port()}", tmp_path / "x", reconnect_timeout=2)
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert "actserve serve" in err, err
