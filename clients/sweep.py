@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import os
 import traceback
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -53,7 +54,7 @@ class SweepSpec:
     storage_options: dict = field(default_factory=dict)
     gpus_per_trainer: float = 0.0
     cpus_per_trainer: float = 1.0
-    token: str | None = None  # bearer token for a server bound off loopback
+    token: str | None = None  # bearer token of a server bound off loopback (default: $ACTSERVE_TOKEN)
 
 
 def load_sweep(path: str) -> SweepSpec:
@@ -78,11 +79,28 @@ def load_sweep(path: str) -> SweepSpec:
         values = values if isinstance(values, list) else [values]
         if not values:
             raise SweepError(f"{path}: grid.{key} is empty; give at least one value")
-        grid[key] = values
+        grid[key] = [grid_value(path, key, v) for v in values]
     check_keys(path, "train.", raw.get("train") or {}, train_keys())
     if isinstance(raw.get("eval"), dict):
         check_keys(path, "eval.", raw["eval"], EVAL_KEYS)
     return SweepSpec(**{**raw, "grid": grid, "train": raw.get("train") or {}})
+
+
+GRID_TYPES = {"l1_coefficient": float, "lr": float, "k": int, "expansion": int}
+
+
+def grid_value(path: str, key: str, value):
+    """YAML reads 8e-5 as a string (it wants 8.0e-5): accept both, reject what is not a number."""
+    kind = GRID_TYPES.get(key)
+    if kind is None:
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise SweepError(f"{path}: grid.{key} takes numbers, got {value!r}") from None
+    if kind is int and not number.is_integer():
+        raise SweepError(f"{path}: grid.{key} takes whole numbers, got {value!r}")
+    return kind(number)
 
 
 def train_keys() -> set[str]:
@@ -146,7 +164,8 @@ def run_sweep(spec: SweepSpec, progress: bool = True, points: list | None = None
         (server_actor,) = start_actors(ServeOptions(caches=(spec.cache,), storage_options=spec.storage_options), None)
         server = ray.get(server_actor.location.remote())
     task = ray.remote(num_cpus=spec.cpus_per_trainer, num_gpus=spec.gpus_per_trainer)(train_point)
-    refs = [task.remote(p, server, spec.cache, spec.token) for p in points]
+    token = spec.token or os.environ.get("ACTSERVE_TOKEN")
+    refs = [task.remote(p, server, spec.cache, token) for p in points]
     results = []
     from tqdm import tqdm
 

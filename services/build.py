@@ -78,11 +78,11 @@ def ensure_ray(address: str | None = None) -> None:
 
 def start_model_hosts(opts: BuildOptions) -> list:
     import ray
-    import torch
 
     from services.model_host import ModelHost
 
-    gpu = torch.cuda.is_available() and opts.device in (None, "cuda")
+    # The driver may run on a CPU-only head node: ask the cluster, not this process, for GPUs.
+    gpu = opts.device == "cuda" or (opts.device is None and ray.cluster_resources().get("GPU", 0) > 0)
     resources = {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": max(1, (os.cpu_count() or 1) // opts.actors)}
     actor_class = ray.remote(**resources)(ModelHost)
     return [actor_class.remote(opts.model, opts.processing, opts.device) for _ in range(opts.actors)]

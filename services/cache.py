@@ -72,7 +72,8 @@ def check_writable(fs: fsspec.AbstractFileSystem, root: str, url: str) -> None:
     """Fail early, before any work, if the cache location cannot be written."""
     probe = f"{root}/.actserve-probe-{uuid.uuid4().hex}"
     try:
-        fs.makedirs(root, exist_ok=True)
+        if is_local(fs):  # object stores have no directories; makedirs there could create a bucket
+            fs.makedirs(root, exist_ok=True)
         fs.pipe_file(probe, b"")
         fs.rm_file(probe)
     except Exception as e:  # noqa: BLE001 - every backend raises its own types

@@ -104,11 +104,20 @@ def test_failing_sweep_point_does_not_stop_the_others(tiny_server, tmp_path):
     ({"grid": {"hook": []}}, "grid.hook is empty"),
     ({"grid": {"hook": HOOKS, "width": [2]}}, "unknown key grid.width"),
     ({"train": {"batchsize": 3}}, "unknown key train.batchsize"),
+    ({"grid": {"hook": HOOKS, "l1_coefficient": ["lots"]}}, "grid.l1_coefficient takes numbers"),
+    ({"grid": {"hook": HOOKS, "expansion": [2.5]}}, "grid.expansion takes whole numbers"),
 ])
 def test_bad_sweep_files(tmp_path, change, message):
     path = write_sweep(tmp_path, "grpc://127.0.0.1:1", "tiny", **change)
     with pytest.raises(SweepError, match=message.replace(".", r"\.")):
         load_sweep(str(path))
+
+
+def test_yaml_exponents_are_numbers(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("cache: c\nout: o\ntokens: 10\ngrid: {hook: [h], l1_coefficient: [8e-5], lr: [4e-4]}\n")
+    spec = load_sweep(str(path))
+    assert spec.grid["l1_coefficient"] == [8e-5] and spec.grid["lr"] == [4e-4]
 
 
 def test_no_eval_sequence_in_a_training_stream(tiny_server, tiny_cache):
