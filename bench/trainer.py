@@ -1,0 +1,140 @@
+"""Trainer and evaluator benchmarks (issues 5 and 6). Each figure prints next to its reference.
+
+  1. one trainer: fraction of time waiting for data and tokens/s, fed by the server vs from tensors
+     already in memory (same hook, same SAE, same tokens);
+  2. K concurrent trainers (one per hook, Ray tasks, as the demo runs them): tokens trained per
+     second summed over all trainers, fed by one server vs each from in-memory tensors;
+  3. evaluator: logits from the cached activations with `start_at_layer` vs the full forward with a
+     replacement hook, for the first and the last layer's hook.
+
+  python bench/trainer.py --cache actserve-work/cache-2000000 --tokens 400000
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+import tempfile
+
+import torch
+
+from clients.trainer import TensorBatches, TrainOptions, train, train_from_server
+from services.cache import decode_activations, open_url, read_manifest, read_shard
+
+
+def in_memory(url: str, manifest, hook: str, tokens: int) -> torch.Tensor:
+    """The first `tokens` non-BOS activations of the train split, as float32 in memory."""
+    fs, root = open_url(url)
+    parts, have = [], 0
+    ctx = manifest.config.context_size
+    for shard in manifest.train.shards:
+        acts = decode_activations(read_shard(fs, root, shard, [hook]).column(hook), manifest.config.dtype, manifest.d_model)
+        acts = acts.view(-1, ctx, manifest.d_model)[:, 1:].reshape(-1, manifest.d_model).float()
+        parts.append(acts)
+        have += len(acts)
+        if have >= tokens:
+            break
+    return torch.cat(parts)[:tokens]
+
+
+def last_record(out: Path) -> dict:
+    return json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+
+
+def options(hook: str, out: Path, tokens: int, args) -> TrainOptions:
+    return TrainOptions(hook=hook, out=str(out), tokens=tokens, expansions=(args.expansion,), batch_size=args.batch_size,
+                        l1_coefficients=(1e-3,), lr_warmup_steps=10, log_every=10**9, checkpoint_every=10**12)
+
+
+def one_trainer(server: str, url: str, manifest, hook: str, args, work: Path):
+    served = work / "served"
+    train_from_server(options(hook, served, args.tokens, args), server, url, progress=False)
+    memory = work / "memory"
+    source = TensorBatches(in_memory(url, manifest, hook, args.tokens), hook, args.batch_size)
+    train(options(hook, memory, args.tokens, args), source, manifest.d_model, manifest.stats[hook], progress=False)
+    a, b = last_record(served), last_record(memory)
+    print(f"one trainer ({hook}, d_sae {manifest.d_model * args.expansion}, batch {args.batch_size}):")
+    print(f"  data wait  served {a['data_wait_fraction']:6.1%}   in memory {b['data_wait_fraction']:6.1%}")
+    print(f"  tokens/s   served {a['tokens_per_s']:9,.0f}   in memory {b['tokens_per_s']:9,.0f}   "
+          f"ratio {a['tokens_per_s'] / b['tokens_per_s']:.2f}")
+
+
+def concurrent_trainers(server: str, url: str, manifest, args, work: Path):
+    import ray
+
+    hooks = list(manifest.config.hooks)
+
+    def from_server(hook):
+        train_from_server(options(hook, work / "c-served" / hook, args.tokens, args), server, url, progress=False)
+
+    def from_memory(hook, acts):
+        train(options(hook, work / "c-memory" / hook, args.tokens, args), TensorBatches(acts, hook, args.batch_size),
+              manifest.d_model, manifest.stats[hook], progress=False)
+
+    task_served, task_memory = ray.remote(num_cpus=1)(from_server), ray.remote(num_cpus=1)(from_memory)
+    data = {h: ray.put(in_memory(url, manifest, h, args.tokens)) for h in hooks}
+    ray.get(task_memory.remote(hooks[0], data[hooks[0]]))  # warm the workers' imports
+    t0 = time.perf_counter()
+    ray.get([task_served.remote(h) for h in hooks])
+    served_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ray.get([task_memory.remote(h, data[h]) for h in hooks])
+    memory_s = time.perf_counter() - t0
+    total = args.tokens * len(hooks)
+    print(f"{len(hooks)} concurrent trainers, one server: {total / served_s:9,.0f} tok/s summed   "
+          f"in memory {total / memory_s:9,.0f} tok/s   ratio {memory_s / served_s:.2f}")
+
+
+@torch.no_grad()
+def evaluator_cost(manifest, args):
+    from clients.evaluator import logits_from
+    from services.model import load_model
+
+    model = load_model(manifest.config.model)
+    tokens = torch.randint(0, manifest.d_vocab, (args.eval_sequences, manifest.config.context_size))
+    for hook in (manifest.config.hooks[0], manifest.config.hooks[-1]):
+        acts = torch.randn(args.eval_sequences, manifest.config.context_size, manifest.d_model)
+        times = {}
+        for name, fn in (("start_at_layer", lambda: logits_from(model, tokens, acts, hook)),
+                         ("full forward", lambda: model.run_with_hooks(tokens, return_type="logits",
+                                                                        fwd_hooks=[(hook, lambda _a, hook: acts)]))):
+            fn()
+            t0 = time.perf_counter()
+            for _ in range(args.repeats):
+                fn()
+            times[name] = (time.perf_counter() - t0) / args.repeats
+        print(f"evaluator {hook}: start_at_layer {times['start_at_layer'] * 1e3:7.1f} ms   full forward "
+              f"{times['full forward'] * 1e3:7.1f} ms   ratio {times['start_at_layer'] / times['full forward']:.2f}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cache", required=True, help="a local cache (e.g. the demo's)")
+    p.add_argument("--tokens", type=int, default=400_000, help="tokens per trainer")
+    p.add_argument("--batch-size", type=int, default=2048)
+    p.add_argument("--expansion", type=int, default=8)
+    p.add_argument("--eval-sequences", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args()
+    import ray
+
+    from services.build import ensure_ray
+    from services.server import ServeOptions, spawn_server
+
+    manifest = read_manifest(args.cache)
+    ensure_ray()
+    proc, server = spawn_server(ServeOptions(caches=(args.cache,)))
+    print(f"torch threads {torch.get_num_threads()}, cache {args.cache}: {len(manifest.config.hooks)} hooks, d_model {manifest.d_model}")
+    try:
+        with tempfile.TemporaryDirectory() as work:
+            one_trainer(server, args.cache, manifest, manifest.config.hooks[-1], args, Path(work))
+            concurrent_trainers(server, args.cache, manifest, args, Path(work))
+        evaluator_cost(manifest, args)
+    finally:
+        proc.terminate()
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

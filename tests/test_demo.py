@@ -1,0 +1,45 @@
+"""The README's main command, at reduced size: `./dev demo --tokens N --workdir DIR`."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def readme_commands() -> list[str]:
+    """The two commands of the README's quickstart block."""
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"## Quickstart.*?```bash\n(.*?)```", text, re.S)[1]
+    return [line.split("#")[0].strip() for line in block.splitlines() if line.strip()]
+
+
+def test_readme_quickstart_is_what_ci_and_this_test_run():
+    demo, tests = readme_commands()
+    assert demo == "./dev demo" and tests == "./dev test"
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert re.search(r"^\./dev test$", ci, re.M), ci
+
+
+@pytest.mark.slow
+def test_demo_at_reduced_size(tmp_path):
+    demo, _ = readme_commands()
+    tokens = 131_072
+    proc = subprocess.run([*demo.split(), "--tokens", str(tokens), "--eval-tokens", "16384", "--workdir", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / f"demo-{tokens}" / "demo.json").read_text())
+    results = report["results"]
+    layers = {r["layer"] for r in results if r["architecture"] == "standard"}
+    assert layers == {0, 1, 2, 3}  # a row per layer of the tiny model
+    assert any(r["architecture"] == "normalized" for r in results)
+    for r in results:
+        assert r["status"] == "ok" and 0 < r["explained_variance"] <= 1 and r["ce_recovered"] is not None
+        assert Path(r["density_png"]).stat().st_size > 1000
+    table = (tmp_path / f"demo-{tokens}" / "eval" / "eval.md").read_text()
+    assert len(table.splitlines()) == 2 + len(results) and "CE recovered" in table
+    assert "CE recovered" in proc.stdout  # the table is printed
