@@ -37,6 +37,7 @@ class EvalOptions:
     cache: str
     out: str
     storage_options: dict = field(default_factory=dict)
+    server: str | None = None      # grpc:// location: stream the eval split instead of reading it
     max_tokens: int | None = None  # None: the whole eval split
     batch_sequences: int = 8
     exclude_bos: bool = True
@@ -66,21 +67,37 @@ def logits_from(model, tokens: torch.Tensor, acts: torch.Tensor, hook: str) -> t
 
 
 def eval_batches(opts: EvalOptions, manifest, hooks: list[str]):
-    """(tokens [n, ctx], {hook: activations [n, ctx, d_model] float32}) over the eval split."""
-    fs, root = open_url(opts.cache, opts.storage_options)
-    ctx, d_model, dtype = manifest.config.context_size, manifest.d_model, manifest.config.dtype
+    """(tokens [n, ctx], {hook: activations [n, ctx, d_model] float32}) over the eval split, whole
+    sequences in order: from the server (whole-sequence mode) when one is given, else read from
+    the cache directly."""
+    ctx, d_model = manifest.config.context_size, manifest.d_model
     budget = opts.max_tokens or manifest.eval.num_tokens
-    for shard in manifest.eval.shards:
-        table = read_shard(fs, root, shard, columns=["token", *hooks])
-        tokens = torch.from_numpy(table.column("token").to_numpy().reshape(-1, ctx).astype(np.int64))
-        acts = {h: decode_activations(table.column(h), dtype, d_model).view(-1, ctx, d_model) for h in hooks}
+    for tokens, acts in (served_sequences if opts.server else cached_sequences)(opts, manifest, hooks):
         for start in range(0, len(tokens), opts.batch_sequences):
             if budget <= 0:
                 return
-            n = min(opts.batch_sequences, math.ceil(budget / ctx))
-            sl = slice(start, start + n)
-            yield tokens[sl], {h: a[sl].float() for h, a in acts.items()}
+            sl = slice(start, start + min(opts.batch_sequences, math.ceil(budget / ctx)))
+            yield tokens[sl], {h: a[sl].view(-1, ctx, d_model).float() for h, a in acts.items()}
             budget -= tokens[sl].numel()
+
+
+def cached_sequences(opts: EvalOptions, manifest, hooks: list[str]):
+    fs, root = open_url(opts.cache, opts.storage_options)
+    ctx, d_model, dtype = manifest.config.context_size, manifest.d_model, manifest.config.dtype
+    for shard in manifest.eval.shards:
+        table = read_shard(fs, root, shard, columns=["token", *hooks])
+        tokens = torch.from_numpy(table.column("token").to_numpy().reshape(-1, ctx).astype(np.int64))
+        yield tokens, {h: decode_activations(table.column(h), dtype, d_model).view(-1, ctx, d_model) for h in hooks}
+
+
+def served_sequences(opts: EvalOptions, manifest, hooks: list[str]):
+    from clients.stream import ActivationStream
+
+    ctx = manifest.config.context_size
+    stream = ActivationStream(opts.server, cache=opts.cache, split="eval", mode="sequences", hooks=hooks,
+                              batch_size=opts.batch_sequences * ctx, drop_bos=False, include_meta=True, dtype=None)
+    for batch in stream:
+        yield batch["token"].long().view(-1, ctx), {h: batch[h].view(-1, ctx, manifest.d_model) for h in hooks}
 
 
 class SAEScore:

@@ -136,7 +136,7 @@ class TensorBatches:
         self.position = state["position"]
 
 
-def train(opts: TrainOptions, source, d_in: int, stats, model_name: str = "", context_size: int = 0,
+def train(opts: TrainOptions, source, d_in: int, stats, model_name: str = "", context_size: int = 128,
           progress: bool = True) -> list[Path]:
     """Train every grid point on the same batches from `source`: an iterable of {hook: tensor}
     with state_dict() / load_state_dict() (an ActivationStream, or TensorBatches)."""

@@ -122,7 +122,7 @@ def cmd_eval(args) -> int:
     from clients.evaluator import EvalOptions, evaluate, markdown_table
 
     opts = EvalOptions(
-        saes=tuple(args.sae), cache=args.cache, out=args.out,
+        saes=tuple(args.sae), cache=args.cache, out=args.out, server=args.server,
         storage_options=parse_json_object(args.storage_options, "--storage-options"),
         max_tokens=args.max_tokens, batch_sequences=args.batch_sequences,
         exclude_bos=not args.include_bos, device=args.device,
@@ -161,11 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="offline end-to-end run on this machine: tiny model, cache, summary",
-                       description="Make the offline tiny model (once), build a cache of every layer's "
-                                   "residual stream on local disk, and print its summary.")
+    p = sub.add_parser("demo", help="offline end-to-end run on this machine: model, cache, server, trainers, eval",
+                       description="Make the offline tiny model (once), cache every layer's residual stream on local "
+                                   "disk, serve it over Arrow Flight, train one SAE per layer plus a Normalized SAE "
+                                   "concurrently against the server, evaluate them and print the seed-style table.")
     p.add_argument("--workdir", default="actserve-work", help="where the model, corpus and cache go (default: %(default)s)")
-    p.add_argument("--tokens", type=int, default=2_000_000, help="train tokens to cache (default: %(default)s)")
+    p.add_argument("--tokens", type=int, default=1_000_000,
+                   help="train tokens to cache (at most what the local corpus holds, ~0.5M) and to train each SAE on "
+                        "(several epochs when the cache holds fewer) (default: %(default)s)")
     p.add_argument("--eval-tokens", type=int, default=100_000, help="held-out eval tokens (default: %(default)s)")
     p.set_defaults(func=cmd_demo)
 
@@ -176,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "that --model accepts.")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--seconds", type=float, default=None, help="training time budget (default: the module's)")
+    p.add_argument("--seconds", type=float, default=None, help="training time budget instead of the default 800 steps")
     p.add_argument("--steps", type=int, default=None, help="fixed number of steps (overrides --seconds; deterministic)")
     p.set_defaults(func=cmd_tiny_model)
 
@@ -259,7 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "eval.json, eval.md (the seed's table) and a log10 feature-density PNG per SAE.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--sae", action="append", required=True, help="SAE directory (SAELens layout; repeatable)")
-    p.add_argument("--cache", required=True, help="cache URL")
+    p.add_argument("--cache", required=True, help="cache URL (the manifest is read from it)")
+    p.add_argument("--server", default=None,
+                   help="grpc:// location of a server of the cache: stream the eval split from it instead of reading shards")
     p.add_argument("--out", required=True, help="report directory")
     p.add_argument("--storage-options", default="{}", help="JSON of fsspec options")
     p.add_argument("--max-tokens", type=int, default=None, help="eval tokens to use (default: the whole eval split)")

@@ -35,8 +35,20 @@ class ModelHost:
     def tokenizer(self):
         return self.model.tokenizer
 
+    @torch.inference_mode()
     def resolve_hooks(self, spec: str) -> list[str]:
-        return resolve_hooks(self.model, spec)
+        """The hooks `spec` names, each checked to give one d_model-wide vector per token (the
+        cache's layout): attention patterns, per-head and d_mlp-wide hooks are refused."""
+        hooks = resolve_hooks(self.model, spec)
+        probe = torch.zeros((1, 2), dtype=torch.long, device=self.device)
+        _, cache = self.model.run_with_cache(probe, names_filter=hooks,
+                                             stop_at_layer=layers_needed(hooks, self.model.cfg.n_layers))
+        d_model = self.model.cfg.d_model
+        wrong = [f"{h} {list(cache[h].shape[2:])}" for h in hooks if tuple(cache[h].shape[2:]) != (d_model,)]
+        if wrong:
+            raise ValueError(f"the cache holds one d_model={d_model} vector per token per hook; these hooks give "
+                             f"other shapes per token: {', '.join(wrong)}")
+        return hooks
 
     @torch.inference_mode()
     def activations(

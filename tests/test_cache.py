@@ -168,6 +168,7 @@ def run_cli_error(capsys, args) -> str:
 
 @pytest.mark.parametrize("change, message", [
     ({"--hooks": "blocks.0.hook_resid_pre,blocks.7.hook_nothing"}, "blocks.7.hook_nothing"),
+    ({"--hooks": "blocks.0.hook_resid_pre,blocks.1.mlp.hook_post"}, "blocks.1.mlp.hook_post [256]"),
     ({"--context-size": "4096"}, "n_ctx"),
     ({"--tokens": "0"}, "--tokens must be > 0"),
     ({"--text-column": "body"}, "no column 'body'"),

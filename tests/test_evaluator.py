@@ -53,6 +53,15 @@ def test_zero_sae_recovers_nothing(identity_and_zero):
     assert r["kl_sae"] == pytest.approx(r["kl_zero"], rel=1e-4)
 
 
+def test_served_eval_split_scores_the_same(identity_and_zero, tiny_cache, tiny_server, tmp_path):
+    results, report = identity_and_zero
+    url, _ = tiny_cache
+    opts = EvalOptions(saes=(results["zero"]["sae"],), cache=url, server=tiny_server, out=str(tmp_path), max_tokens=4096)
+    (served,) = evaluate(opts, progress=False)
+    for key in ("ce_clean", "ce_sae", "ce_zero", "kl_sae", "explained_variance", "positions"):
+        assert served[key] == pytest.approx(results["zero"][key], rel=1e-6), key
+
+
 def test_report_files(identity_and_zero):
     results, report = identity_and_zero
     data = json.loads((report / "eval.json").read_text())

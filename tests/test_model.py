@@ -98,6 +98,13 @@ def test_same_seed_same_weights_and_reuse(small_corpus, tmp_path):
     assert reused["reused"] and reused["heldout_loss"] == first["heldout_loss"]
 
 
+def test_time_budget_instead_of_steps(small_corpus, tmp_path):
+    result = make_tiny_model(tmp_path / "timed", n_layers=1, d_model=32, n_heads=2, n_ctx=32, vocab_size=300,
+                             train_seconds=0.5, batch_size=4, corpus_path=small_corpus, progress=False)
+    assert result["settings"]["max_steps"] is None and result["steps"] > 0
+    assert 0.5 <= result["seconds"] < 5
+
+
 # --- load_model --------------------------------------------------------------------------------
 
 
