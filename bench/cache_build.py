@@ -79,7 +79,7 @@ def bench_build(model_dir: Path, corpus: Path, hooks: str, tokens: int, context:
 
 
 def bench_shard_io(out: Path, manifest, repeats: int = 3):
-    from services.cache import decode_activations, encode_shard, open_url, read_shard, atomic_write
+    from services.cache import decode_activations, open_url, read_shard, write_shard
 
     fs, root = open_url(str(out))
     shard = max(manifest.train.shards, key=lambda s: s.num_bytes)
@@ -101,7 +101,7 @@ def bench_shard_io(out: Path, manifest, repeats: int = 3):
         return min(times)
 
     def ours_write():
-        atomic_write(fs, str(tmp / "ours.parquet"), encode_shard(tokens, 0, acts, hooks, manifest.config.dtype))
+        write_shard(fs, str(tmp / "ours.parquet"), tokens, 0, acts, hooks, manifest.config.dtype)
 
     def plain_write():
         pq.write_table(plain, tmp / "plain.parquet", compression="none", use_dictionary=False, write_statistics=False)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from services.cache import DTYPES, atomic_write, encode_shard, open_url
+from services.cache import DTYPES, open_url, write_shard
 from services.model import WeightProcessing, layers_needed, load_model, resolve_hooks
 
 
@@ -92,8 +92,7 @@ class ModelHost:
     ) -> dict:
         """Compute and write one shard (not yet committed: the builder lists it in the manifest)."""
         acts, sums = self.activations(tokens, hooks, dtype, batch_sequences, skip_bos)
-        data = encode_shard(tokens, first_sequence, acts, hooks, dtype)
         fs, root = open_url(url, storage_options)
-        atomic_write(fs, f"{root}/{path}", data)
-        return {"path": path, "num_rows": tokens.size, "num_bytes": len(data),
+        num_bytes = write_shard(fs, f"{root}/{path}", tokens, first_sequence, acts, hooks, dtype)
+        return {"path": path, "num_rows": tokens.size, "num_bytes": num_bytes,
                 "first_sequence": first_sequence, "num_sequences": len(tokens), "sums": sums}

@@ -14,7 +14,7 @@ import torch
 
 from proto.manifest_pb2 import BuildConfig, HookStats, Manifest, Shard
 from services.cache import (
-    DTYPES, FORMAT_VERSION, atomic_write, decode_activations, encode_shard, open_url, read_shard, shard_path, write_manifest,
+    DTYPES, FORMAT_VERSION, decode_activations, open_url, read_shard, shard_path, write_manifest, write_shard,
 )
 
 BOS = 0
@@ -68,10 +68,9 @@ class SyntheticCache:
             rows = tokens.size
             acts = {h: torch.from_numpy(rng.standard_normal((rows, s.d_model), dtype=np.float32)).to(DTYPES[s.dtype])
                     for h in s.hooks}
-            data = encode_shard(tokens, first, acts, list(s.hooks), s.dtype)
             path = shard_path(split, index)
-            atomic_write(self.fs, f"{self.root}/{path}", data)
-            target.shards.append(Shard(path=path, num_rows=rows, num_bytes=len(data), first_sequence=first,
+            num_bytes = write_shard(self.fs, f"{self.root}/{path}", tokens, first, acts, list(s.hooks), s.dtype)
+            target.shards.append(Shard(path=path, num_rows=rows, num_bytes=num_bytes, first_sequence=first,
                                        num_sequences=s.sequences_per_shard))
             target.num_tokens += rows
             if split == "train":
