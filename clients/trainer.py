@@ -156,6 +156,7 @@ def train(opts: TrainOptions, source, d_in: int, stats, model_name: str = "", co
     log = (out / METRICS_LOG).open("a")
     bar = tqdm(total=opts.tokens, initial=tokens, unit="tok", unit_scale=True, desc=f"train {opts.hook}", disable=not progress)
     wait = busy = 0.0
+    start_tokens, start_time = tokens, time.perf_counter()
     next_checkpoint = (tokens // opts.checkpoint_every + 1) * opts.checkpoint_every
     batches = iter(source)
     # Window metrics (explained variance, firing frequencies) re-encode a sampled batch: every step
@@ -184,7 +185,7 @@ def train(opts: TrainOptions, source, d_in: int, stats, model_name: str = "", co
         if step % opts.log_every == 0 or tokens >= opts.tokens:
             for run in runs:
                 record = {"run": run.name, "tokens": tokens, **run.last, **run.metrics.compute(),
-                          "tokens_per_s": tokens_rate(bar), "data_wait_fraction": wait / max(wait + busy, 1e-9)}
+                          "tokens_per_s": (tokens - start_tokens) / (time.perf_counter() - start_time), "data_wait_fraction": wait / max(wait + busy, 1e-9)}
                 log.write(json.dumps(record) + "\n")
                 if wandb_run is not None:
                     wandb_run.log({f"{run.name}/{k}": v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
@@ -209,11 +210,6 @@ def sample_metrics(run: Run, x: torch.Tensor) -> None:
     sae.eval()
     f = sae.encode(x)
     run.metrics.update(x, sae.decode(f), f)
-
-
-def tokens_rate(bar) -> float:
-    rate = bar.format_dict.get("rate")
-    return float(rate) if rate else 0.0
 
 
 def save_checkpoint(out: Path, runs: list[Run], tokens: int, stream_state) -> None:
