@@ -17,7 +17,7 @@ EPILOG = """examples:
 """
 
 
-class UsageError(Exception):
+class UsageError(ValueError):
     """Bad input found at the edge: printed as one line, exit code 2."""
 
 

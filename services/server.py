@@ -629,10 +629,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def options_from_args(args: argparse.Namespace) -> ServeOptions:
-    try:
-        storage_options = json.loads(args.storage_options)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--storage-options is not valid JSON ({e.msg}): {args.storage_options!r}") from e
+    from services.cli import parse_json_object  # the CLI's one parser for JSON flags
+
+    storage_options = parse_json_object(args.storage_options, "--storage-options")
     return ServeOptions(
         caches=tuple(args.cache), host=args.host, port=args.port, servers=args.servers, token_env=args.token_env,
         insecure=args.insecure, tls_cert=args.tls_cert, tls_key=args.tls_key, storage_options=storage_options,
