@@ -43,3 +43,13 @@ def test_demo_at_reduced_size(tmp_path):
     table = (tmp_path / f"demo-{tokens}" / "eval" / "eval.md").read_text()
     assert len(table.splitlines()) == 2 + len(results) and "CE recovered" in table
     assert "CE recovered" in proc.stdout  # the table is printed
+
+
+@pytest.mark.parametrize("flag", ["--tokens", "--eval-tokens"])
+def test_demo_rejects_bad_token_counts(tmp_path, capsys, flag):
+    from services.cli import main as cli_main
+
+    assert cli_main(["demo", "--workdir", str(tmp_path / "w"), flag, "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"actserve: error: {flag} must be > 0, got 0"
+    assert not (tmp_path / "w").exists()  # nothing made before the input is checked
