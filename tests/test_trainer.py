@@ -30,24 +30,25 @@ def train_args(server, out, tokens=32768, **flags):
 
 
 def test_killed_trainer_resumes_to_identical_weights(tiny_server, tmp_path):
-    assert cli_main(train_args(tiny_server, tmp_path / "reference", checkpoint_every=4096)) == 0
+    # 128 steps, the first checkpoint after 8: the kill lands with most of the run still to go
+    args = dict(tokens=65536, checkpoint_every=4096)
+    assert cli_main(train_args(tiny_server, tmp_path / "reference", **args)) == 0
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli", *train_args(tiny_server, out, checkpoint_every=4096)],
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", *train_args(tiny_server, out, **args)],
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
         while not (out / CHECKPOINT).exists():  # kill -9 once a checkpoint is on disk
             assert proc.poll() is None, "the trainer finished before it could be killed"
             assert time.time() < deadline
-            time.sleep(0.05)
-        time.sleep(0.3)
+            time.sleep(0.01)
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
     assert not (out / "sae_weights.safetensors").exists()
 
-    assert cli_main(train_args(tiny_server, out, checkpoint_every=4096)) == 0
+    assert cli_main(train_args(tiny_server, out, **args)) == 0
     assert (out / "sae_weights.safetensors").read_bytes() == (tmp_path / "reference" / "sae_weights.safetensors").read_bytes()
     assert not (out / CHECKPOINT).exists()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
