@@ -40,9 +40,11 @@ def gpt2_small_random(workdir: Path, tokenizer_dir: Path) -> Path:
 def bench_build(model_dir: Path, corpus: Path, hooks: str, tokens: int, context: int, batch: int, workdir: Path):
     import ray
 
-    from services.build import BuildOptions, build_cache, ensure_ray
-    from services.cache import open_url, read_shard
-    from services.model import layers_needed, load_model, resolve_hooks
+    from actserve.services.build import BuildOptions, build_cache
+    from actserve.services.ray_runtime import ensure_ray
+    from actserve.services.storage import open_url
+    from actserve.services.shard_format import read_shard
+    from actserve.services.model import layers_needed, load_model, resolve_hooks
 
     out = workdir / "bench-cache"
     shutil.rmtree(out, ignore_errors=True)
@@ -79,7 +81,8 @@ def bench_build(model_dir: Path, corpus: Path, hooks: str, tokens: int, context:
 
 
 def bench_shard_io(out: Path, manifest, repeats: int = 3):
-    from services.cache import decode_activations, open_url, read_shard, write_shard
+    from actserve.services.shard_format import decode_activations, read_shard, write_shard
+    from actserve.services.storage import open_url
 
     fs, root = open_url(str(out))
     shard = max(manifest.train.shards, key=lambda s: s.num_bytes)
@@ -134,7 +137,7 @@ def main():
     p.add_argument("--context-size", type=int, default=128)
     p.add_argument("--batch-sequences", type=int, default=32)
     args = p.parse_args()
-    from services.demo import prepare_model
+    from actserve.demo import prepare_model
 
     corpus, tiny = prepare_model(args.workdir)
     if args.gpt2_small_random:

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from sae import SAEConfig, Trainer, TrainConfig, build_sae
+from actserve.sae import SAEConfig, Trainer, TrainConfig, build_sae
 
 L1_COEFFICIENT = 8e-5  # the seed's GPT-2 setting; irrelevant to speed
 LR = 4e-4

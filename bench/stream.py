@@ -25,11 +25,12 @@ import pyarrow.flight as flight
 import pyarrow.parquet as pq
 import torch
 
-from clients.stream import ActivationStream, batch_to_tensors
-from proto.stream_pb2 import StreamRequest
-from services.cache import read_manifest
-from services.server import ServeOptions, spawn_server
-from services.synthetic import SyntheticSpec, write_synthetic_cache
+from actserve.clients.stream import ActivationStream, batch_to_tensors
+from actserve.proto.stream_pb2 import StreamRequest
+from actserve.services.manifest import read_manifest
+from actserve.services.serve_options import ServeOptions
+from actserve.testing import spawn_server
+from actserve.testing import SyntheticSpec, write_synthetic_cache
 
 HOOKS = tuple(f"blocks.{i}.hook_resid_pre" for i in (2, 5, 8, 11))
 BATCH = 4096

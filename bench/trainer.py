@@ -19,8 +19,12 @@ import tempfile
 
 import torch
 
-from clients.trainer import TensorBatches, TrainOptions, train, train_from_server
-from services.cache import decode_activations, open_url, read_manifest, read_shard
+from actserve.clients.train_options import TrainOptions
+from actserve.clients.trainer import train, train_from_server
+from actserve.testing import TensorBatches
+from actserve.services.shard_format import decode_activations, read_shard
+from actserve.services.storage import open_url
+from actserve.services.manifest import read_manifest
 
 
 def in_memory(url: str, manifest, hook: str, tokens: int) -> torch.Tensor:
@@ -88,8 +92,8 @@ def concurrent_trainers(server: str, url: str, manifest, args, work: Path):
 
 @torch.no_grad()
 def evaluator_cost(manifest, args):
-    from clients.evaluator import logits_from
-    from services.model import load_model
+    from actserve.clients.evaluator import logits_from
+    from actserve.services.model import load_model
 
     model = load_model(manifest.config.model)
     tokens = torch.randint(0, manifest.d_vocab, (args.eval_sequences, manifest.config.context_size))
@@ -119,8 +123,9 @@ def main():
     args = p.parse_args()
     import ray
 
-    from services.build import ensure_ray
-    from services.server import ServeOptions, spawn_server
+    from actserve.services.ray_runtime import ensure_ray
+    from actserve.services.serve_options import ServeOptions
+    from actserve.testing import spawn_server
 
     manifest = read_manifest(args.cache)
     ensure_ray()

@@ -24,11 +24,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from google.protobuf import json_format
 from tqdm import tqdm
 
-from sae import SAE
-from sae.metrics import StreamingMetrics, plot_log10_feature_density
-from services.cache import CacheError, decode_activations, open_url, read_manifest, read_shard
+from actserve.clients.stream import ActivationStream
+from actserve.clients.tables import markdown_table
+from actserve.sae import SAE, load_sae
+from actserve.sae.metrics import StreamingMetrics, plot_log10_feature_density
+from actserve.services.storage import CacheError, open_url
+from actserve.services.shard_format import decode_activations, read_shard
+from actserve.services.manifest import read_manifest
+from actserve.services.model import WeightProcessing, load_model
 
 
 @dataclass(frozen=True)
@@ -91,8 +97,6 @@ def cached_sequences(opts: EvalOptions, manifest, hooks: list[str]):
 
 
 def served_sequences(opts: EvalOptions, manifest, hooks: list[str]):
-    from clients.stream import ActivationStream
-
     ctx = manifest.config.context_size
     stream = ActivationStream(opts.server, cache=opts.cache, split="eval", mode="sequences", hooks=hooks,
                               batch_size=opts.batch_sequences * ctx, drop_bos=False, include_meta=True, dtype=None)
@@ -130,7 +134,7 @@ def load_saes(paths: tuple[str, ...], manifest, device: str) -> list[SAEScore]:
     for path in paths:
         if not (Path(path) / "cfg.json").exists():
             raise ValueError(f"--sae {path}: not an SAE directory (no cfg.json)")
-        sae = SAE.load(path, device)
+        sae = load_sae(path, device)
         hook = sae.cfg.hook_name
         if hook not in manifest.config.hooks:
             raise ValueError(f"--sae {path} reads {hook}, which the cache lacks; cached hooks: {', '.join(manifest.config.hooks)}")
@@ -142,9 +146,6 @@ def load_saes(paths: tuple[str, ...], manifest, device: str) -> list[SAEScore]:
 
 @torch.inference_mode()
 def evaluate(opts: EvalOptions, progress: bool = True, model=None) -> list[dict]:
-    from services.model import WeightProcessing, load_model
-    from google.protobuf import json_format
-
     manifest = read_manifest(opts.cache, opts.storage_options)
     if manifest is None:
         raise CacheError(f"no cache at {opts.cache}")
@@ -202,12 +203,8 @@ TABLE_COLUMNS = [  # (header, result key, format): the seed's table, plus CE rec
 ]
 
 
-def markdown_table(results: list[dict]) -> str:
-    lines = ["| " + " | ".join(h for h, _, _ in TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
-    for r in results:
-        cells = [fmt.format(r[key]) if r.get(key) is not None else "-" for _, key, fmt in TABLE_COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+def eval_table(results: list[dict]) -> str:
+    return markdown_table(results, TABLE_COLUMNS)
 
 
 def write_report(opts: EvalOptions, scores: list[SAEScore]) -> list[dict]:
@@ -222,5 +219,5 @@ def write_report(opts: EvalOptions, scores: list[SAEScore]) -> list[dict]:
         r["density_png"] = str(png)
         results.append(r)
     (out / "eval.json").write_text(json.dumps({"cache": opts.cache, "exclude_bos": opts.exclude_bos, "results": results}, indent=1))
-    (out / "eval.md").write_text(markdown_table(results))
+    (out / "eval.md").write_text(eval_table(results))
     return results

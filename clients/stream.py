@@ -28,9 +28,9 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import torch
 
-from proto.manifest_pb2 import HookStats, Manifest
-from proto.stream_pb2 import CacheList, ListCachesRequest, ServerStats, StreamRequest
-from services.cache import META_COLUMNS, decode_activations
+from actserve.proto.manifest_pb2 import HookStats, Manifest
+from actserve.proto.stream_pb2 import CacheList, ListCachesRequest, ServerStats, StreamRequest
+from actserve.services.shard_format import META_COLUMNS, decode_activations
 
 MODES = {"shuffled": StreamRequest.SHUFFLED_TOKENS, "sequences": StreamRequest.SEQUENCES}
 META_DTYPES = {"sequence": torch.int64, "position": torch.int32, "token": torch.int32}
@@ -45,6 +45,30 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable", ca
 
 class StreamUnavailable(ConnectionError):
     """No server answered for reconnect_timeout seconds."""
+
+
+RETRIED = (flight.FlightUnavailableError, flight.FlightTimedOutError)  # a server away, maybe restarting
+
+
+class Retry:
+    """The one retry policy of the client: after each failure move to the next replica and wait,
+    doubling the wait from `first` up to `longest`; give up (raise `give_up(error)`) once `timeout`
+    seconds pass without progress, or when `stop` is set. `progressed()` restarts the clock."""
+
+    def __init__(self, first: float, longest: float, timeout: float, give_up, next_replica, stop: threading.Event):
+        self.first, self.longest, self.timeout = first, longest, timeout
+        self.give_up, self.next_replica, self.stop = give_up, next_replica, stop
+        self.progressed()
+
+    def progressed(self) -> None:
+        self.delay, self.deadline = self.first, time.monotonic() + self.timeout
+
+    def wait(self, error: Exception) -> None:
+        if time.monotonic() + self.delay > self.deadline or self.stop.is_set():
+            raise self.give_up(error) from error
+        self.next_replica()
+        time.sleep(self.delay)
+        self.delay = min(2 * self.delay, self.longest)
 
 
 @dataclass(frozen=True)
@@ -232,12 +256,11 @@ class ActivationStream:
 
     def _epoch_batches(self, request: StreamRequest, start: int) -> Iterator[pa.RecordBatch]:
         """The epoch's batches from `start`, reconnecting and resuming after the last row received."""
-        wait, deadline = self.options.backoff[0], time.monotonic() + self.options.reconnect_timeout
+        retry = self._retry()
         while True:
             request.start = start
-            location = self.locations[self._preferred]
             try:
-                client = self._client(location)
+                client = self._client(self.locations[self._preferred])
                 reader = client.do_get(flight.Ticket(request.SerializeToString()), self._call_options(timeout=None))
                 self._flight_reader = reader
                 while True:
@@ -246,15 +269,11 @@ class ActivationStream:
                     except StopIteration:
                         return
                     start += batch.num_rows
-                    wait, deadline = self.options.backoff[0], time.monotonic() + self.options.reconnect_timeout
+                    retry.progressed()
                     yield batch
-            except (flight.FlightUnavailableError, flight.FlightTimedOutError) as e:
-                if time.monotonic() + wait > deadline or self._stop.is_set():
-                    raise self._unreachable(e) from e
-                self._preferred = (self._preferred + 1) % len(self.locations)  # try the next replica
+            except RETRIED as e:
+                retry.wait(e)
                 self.reconnects += 1
-                time.sleep(wait)
-                wait = min(2 * wait, self.options.backoff[1])
 
     def _tensors(self, batch: pa.RecordBatch) -> dict[str, torch.Tensor]:
         tensors = batch_to_tensors(batch)
@@ -280,17 +299,17 @@ class ActivationStream:
 
     def _call(self, fn):
         """A metadata call, with the same retry and backoff as streaming."""
-        wait, deadline = self.options.backoff[0], time.monotonic() + self.options.reconnect_timeout
+        retry = self._retry()
         while True:
-            location = self.locations[self._preferred]
             try:
-                return fn(self._client(location), self._call_options(self.options.call_timeout))
-            except (flight.FlightUnavailableError, flight.FlightTimedOutError) as e:
-                if time.monotonic() + wait > deadline:
-                    raise self._unreachable(e) from e
-                self._preferred = (self._preferred + 1) % len(self.locations)
-                time.sleep(wait)
-                wait = min(2 * wait, self.options.backoff[1])
+                return fn(self._client(self.locations[self._preferred]), self._call_options(self.options.call_timeout))
+            except RETRIED as e:
+                retry.wait(e)
+
+    def _retry(self) -> Retry:
+        def next_replica():
+            self._preferred = (self._preferred + 1) % len(self.locations)
+        return Retry(*self.options.backoff, self.options.reconnect_timeout, self._unreachable, next_replica, self._stop)
 
     def _flight_info(self, request: StreamRequest) -> flight.FlightInfo:
         descriptor = flight.FlightDescriptor.for_command(request.SerializeToString())

@@ -7,60 +7,23 @@ restarted run resumes from the last one and ends with the same weights as an uni
 """
 from __future__ import annotations
 
-import itertools
+import io
 import json
 import math
-import os
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from sae import SAEConfig, StreamingMetrics, TrainConfig, Trainer, build_sae
+from actserve.clients.stream import ActivationStream
+from actserve.clients.train_options import TrainOptions, grid_points
+from actserve.sae import SAEConfig, StreamingMetrics, TrainConfig, Trainer, build_sae, sae_files
+from actserve.services.storage import write_local_file
 
 CHECKPOINT = "checkpoint.pt"
 METRICS_LOG = "metrics.jsonl"
-
-
-@dataclass(frozen=True)
-class TrainOptions:
-    """One trainer process: where its data comes from, the budget, and the SAE grid it trains."""
-    hook: str
-    out: str
-    tokens: int
-    architectures: tuple[str, ...] = ("standard",)
-    expansions: tuple[int, ...] = (32,)
-    l1_coefficients: tuple[float, ...] = (8e-5,)  # standard/gated: lambda; normalized: alpha
-    ks: tuple[int, ...] = (32,)                    # topk only
-    lrs: tuple[float, ...] = (4e-4,)
-    batch_size: int = 4096
-    lr_warmup_steps: int = 1000
-    lr_decay: str = "constant"
-    l1_warmup_steps: int = 0
-    ghost_grads: bool = False
-    dead_feature_window: int = 1000
-    scale_to_sqrt_d: bool = False  # SAELens-style input scaling, folded back into the weights at export
-    seed: int = 0
-    checkpoint_every: int = 1_000_000  # tokens
-    log_every: int = 50                # steps
-    device: str = "cpu"
-    wandb_project: str | None = None
-
-    def __post_init__(self):
-        checks = [
-            (self.tokens > 0, f"--tokens must be > 0, got {self.tokens}"),
-            (self.batch_size > 0, f"--batch-size must be > 0, got {self.batch_size}"),
-            (self.checkpoint_every > 0, f"--checkpoint-every must be > 0, got {self.checkpoint_every}"),
-            (self.log_every > 0, f"--log-every must be > 0, got {self.log_every}"),
-            (all(e > 0 for e in self.expansions), f"--expansion must be > 0, got {self.expansions}"),
-            (all(k > 0 for k in self.ks), f"--k must be > 0, got {self.ks}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
 
 
 @dataclass
@@ -76,23 +39,21 @@ def run_grid(opts: TrainOptions, d_in: int, stats, model_name: str, context_size
     """(name, SAEConfig, TrainConfig) for every point of the options' grid."""
     total_steps = math.ceil(opts.tokens / opts.batch_size)
     grid = []
-    for arch, expansion, lr in itertools.product(opts.architectures, opts.expansions, opts.lrs):
-        sparsity = [("k", k) for k in opts.ks] if arch == "topk" else [("l1", l1) for l1 in opts.l1_coefficients]
-        for kind, value in sparsity:
-            sae_cfg = SAEConfig(
-                architecture=arch, d_in=d_in, d_sae=d_in * expansion, hook_name=opts.hook,
-                model_name=model_name, context_size=context_size,
-                l1_coefficient=value if kind == "l1" else 0.0, k=value if kind == "k" else None,
-                use_ghost_grads=opts.ghost_grads and arch == "standard",
-                input_mean_norm=stats.mean_norm * input_scale(opts, stats, d_in) if arch == "normalized" else None,
-            )
-            train_cfg = TrainConfig(
-                lr=lr, lr_warmup_steps=min(opts.lr_warmup_steps, max(total_steps - 1, 0)),
-                lr_decay=opts.lr_decay, total_steps=total_steps if opts.lr_decay != "constant" else None,
-                l1_warmup_steps=opts.l1_warmup_steps, dead_feature_window=opts.dead_feature_window, seed=opts.seed,
-            )
-            name = f"{opts.hook}-{arch}-x{expansion}-{kind}{value:g}-lr{lr:g}"
-            grid.append((name, sae_cfg, train_cfg))
+    for point in grid_points(opts.architectures, opts.expansions, opts.lrs, opts.l1_coefficients, opts.ks):
+        arch, kind, value = point.architecture, point.sparsity, point.value
+        sae_cfg = SAEConfig(
+            architecture=arch, d_in=d_in, d_sae=d_in * point.expansion, hook_name=opts.hook,
+            model_name=model_name, context_size=context_size,
+            l1_coefficient=value if kind == "l1" else 0.0, k=value if kind == "k" else None,
+            use_ghost_grads=opts.ghost_grads and arch == "standard",
+            input_mean_norm=stats.mean_norm * input_scale(opts, stats, d_in) if arch == "normalized" else None,
+        )
+        train_cfg = TrainConfig(
+            lr=point.lr, lr_warmup_steps=min(opts.lr_warmup_steps, max(total_steps - 1, 0)),
+            lr_decay=opts.lr_decay, total_steps=total_steps if opts.lr_decay != "constant" else None,
+            l1_warmup_steps=opts.l1_warmup_steps, dead_feature_window=opts.dead_feature_window, seed=opts.seed,
+        )
+        grid.append((point.name(opts.hook), sae_cfg, train_cfg))
     return grid
 
 
@@ -111,40 +72,21 @@ def fold_input_scale(sae, scale: float) -> None:
 
 
 def atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-class TensorBatches:
-    """Batches from tensors already in memory, with the same resume interface as ActivationStream
-    (the reference the data-wait benchmark compares the server against)."""
-
-    def __init__(self, activations: torch.Tensor, hook: str, batch_size: int):
-        self.activations, self.hook, self.batch_size, self.position = activations, hook, batch_size, 0
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        while True:  # endless, like a stream with epochs=None
-            start = self.position % len(self.activations)
-            self.position += self.batch_size
-            yield {self.hook: self.activations[start:start + self.batch_size]}
-
-    def state_dict(self) -> dict:
-        return {"position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.position = state["position"]
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_local_file(path, buffer.getvalue())
 
 
 def train(opts: TrainOptions, source, d_in: int, stats, model_name: str = "", context_size: int = 128,
           progress: bool = True) -> list[Path]:
     """Train every grid point on the same batches from `source`: an iterable of {hook: tensor}
-    with state_dict() / load_state_dict() (an ActivationStream, or TensorBatches)."""
+    with state_dict() / load_state_dict() (an ActivationStream, or actserve.testing.TensorBatches)."""
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(opts.seed)
     grid = run_grid(opts, d_in, stats, model_name, context_size)
-    runs = [Run(name, Trainer(build_sae(sae_cfg).to(opts.device), train_cfg), StreamingMetrics(sae_cfg.d_sae, opts.device))
+    runs = [Run(name, Trainer(build_sae(sae_cfg, seed=opts.seed).to(opts.device), train_cfg),
+                StreamingMetrics(sae_cfg.d_sae, opts.device))
             for name, sae_cfg, train_cfg in grid]
     scale = input_scale(opts, stats, d_in)
     checkpoint = load_checkpoint(out, runs)
@@ -240,10 +182,17 @@ def export(opts: TrainOptions, runs: list[Run], scale: float) -> list[Path]:
         if scale != 1.0:
             fold_input_scale(sae, scale)
         path = Path(opts.out) if len(runs) == 1 else Path(opts.out) / run.name
-        sae.save(path, run.metrics.log10_feature_density())
+        export_sae(sae, path, run.metrics.log10_feature_density())
         paths.append(path)
     (Path(opts.out) / CHECKPOINT).unlink(missing_ok=True)
     return paths
+
+
+def export_sae(sae, path: Path, log10_feature_density) -> None:
+    """The SAE's files in SAELens's layout, each written atomically."""
+    path.mkdir(parents=True, exist_ok=True)
+    for name, data in sae_files(sae, log10_feature_density).items():
+        write_local_file(path / name, data)
 
 
 def start_wandb(opts: TrainOptions, grid):
@@ -256,8 +205,6 @@ def train_from_server(opts: TrainOptions, server: str | list[str], cache: str, t
                       progress: bool = True, reconnect_timeout: float = 60.0) -> list[Path]:
     """Train on `cache`'s train split streamed from `server`: endless epochs, each in a new order,
     BOS rows dropped, until the token budget is spent."""
-    from clients.stream import ActivationStream
-
     stream = ActivationStream(server, cache=cache, hooks=[opts.hook], batch_size=opts.batch_size, seed=opts.seed,
                               epochs=None, device=opts.device, drop_bos=True, token=token,
                               reconnect_timeout=reconnect_timeout)

@@ -8,7 +8,7 @@ from .base import SAE, ForwardOutput, geometric_median
 from .build import SAE_CLASSES, build_sae
 from .config import ARCHITECTURES, SAEConfig
 from .gated import GatedSAE
-from .io import load_log10_feature_density, load_sae, save_sae
+from .io import load_log10_feature_density, load_sae, sae_files, save_sae
 from .metrics import (
     StreamingMetrics,
     decoder_max_cosine_similarity,
@@ -43,5 +43,6 @@ __all__ = [
     "load_sae",
     "max_cosine_to_ground_truth",
     "plot_log10_feature_density",
+    "sae_files",
     "save_sae",
 ]

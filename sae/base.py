@@ -1,6 +1,5 @@
 """The interface every SAE architecture implements, and the pieces they share."""
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -121,16 +120,3 @@ class SAE(nn.Module):
     def normalize_decoder(self) -> None:
         """Rescale every decoder row to unit norm."""
         self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp(min=1e-12)
-
-    def save(self, path: str | Path, log10_feature_density: Tensor | None = None) -> None:
-        """Write cfg.json, sae_weights.safetensors (and sparsity.safetensors) in SAELens's layout."""
-        from .io import save_sae  # io imports the architectures, which import this module
-
-        save_sae(self, path, log10_feature_density)
-
-    @staticmethod
-    def load(path: str | Path, device: str | torch.device = "cpu") -> "SAE":
-        """Load an SAE saved by `save` (any architecture), in eval mode."""
-        from .io import load_sae
-
-        return load_sae(path, device)

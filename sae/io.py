@@ -23,7 +23,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor
 
 from .base import SAE
@@ -79,19 +79,28 @@ def config_from_sae_lens(raw: dict, source: str = CFG_FILENAME) -> SAEConfig:
         raise ValueError(f"{source}: {error}") from error
 
 
-def save_sae(sae: SAE, path: str | Path, log10_feature_density: Tensor | None = None) -> None:
-    """Write `sae` to the directory `path` (created if needed) in SAELens's layout."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / CFG_FILENAME).write_text(json.dumps(sae_lens_config(sae.cfg), indent=2))
+def sae_files(sae: SAE, log10_feature_density: Tensor | None = None) -> dict[str, bytes]:
+    """The contents of `sae`'s directory in SAELens's layout: {file name: bytes}."""
     weights = {name: tensor.detach().float().cpu().contiguous() for name, tensor in sae.state_dict().items()}
-    save_file(weights, path / WEIGHTS_FILENAME)
+    files = {
+        CFG_FILENAME: json.dumps(sae_lens_config(sae.cfg), indent=2).encode(),
+        WEIGHTS_FILENAME: save(weights),
+    }
     if log10_feature_density is not None:
         if log10_feature_density.shape != (sae.cfg.d_sae,):
             raise ValueError(
                 f"log10_feature_density must have shape [{sae.cfg.d_sae}], got {tuple(log10_feature_density.shape)}"
             )
-        save_file({"sparsity": log10_feature_density.detach().float().cpu().contiguous()}, path / SPARSITY_FILENAME)
+        files[SPARSITY_FILENAME] = save({"sparsity": log10_feature_density.detach().float().cpu().contiguous()})
+    return files
+
+
+def save_sae(sae: SAE, path: str | Path, log10_feature_density: Tensor | None = None) -> None:
+    """Write `sae` to the directory `path` (created if needed) in SAELens's layout."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    for name, data in sae_files(sae, log10_feature_density).items():
+        (path / name).write_bytes(data)
 
 
 def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:

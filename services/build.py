@@ -15,18 +15,21 @@ from dataclasses import asdict, dataclass, field
 from itertools import islice
 
 import numpy as np
+import ray
 from tqdm import tqdm
 
-from proto.manifest_pb2 import BuildConfig, HookStats, Manifest, Shard
-from proto.manifest_pb2 import WeightProcessing as WeightProcessingMsg
-from services.cache import (
-    DTYPES, FORMAT_VERSION, SPLITS, CacheError, check_writable, config_differences, open_url,
-    read_manifest, shard_path, write_manifest,
+from actserve import __version__
+from actserve.proto.manifest_pb2 import BuildConfig, Manifest, Shard
+from actserve.proto.manifest_pb2 import WeightProcessing as WeightProcessingMsg
+from actserve.services.data import DatasetError, DatasetSpec, iter_documents, iter_sequences
+from actserve.services.manifest import (
+    FORMAT_VERSION, SPLITS, add_stats, config_differences, read_manifest, write_manifest,
 )
-from services.data import DatasetError, DatasetSpec, iter_documents, iter_sequences
-from services.model import WeightProcessing
-
-VERSION = "actserve 0.1.0"
+from actserve.services.model import WeightProcessing
+from actserve.services.model_host import ModelHost
+from actserve.services.ray_runtime import ensure_ray
+from actserve.services.shard_format import DTYPES, shard_path
+from actserve.services.storage import CacheError, check_writable, open_url
 
 
 @dataclass(frozen=True)
@@ -67,20 +70,7 @@ class BuildOptions:
                 raise ValueError(message)
 
 
-def ensure_ray(address: str | None = None) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS")
-        kwargs = {} if address else {"num_cpus": os.cpu_count(), "include_dashboard": False}
-        ray.init(address=address, log_to_driver=False, **kwargs)
-
-
 def start_model_hosts(opts: BuildOptions) -> list:
-    import ray
-
-    from services.model_host import ModelHost
-
     # The driver may run on a CPU-only head node: ask the cluster, not this process, for GPUs.
     gpu = opts.device == "cuda" or (opts.device is None and ray.cluster_resources().get("GPU", 0) > 0)
     resources = {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": max(1, (os.cpu_count() or 1) // opts.actors)}
@@ -93,23 +83,8 @@ def sequences_per_shard(opts: BuildOptions, n_hooks: int, d_model: int) -> int:
     return max(1, int(opts.shard_mb * 2**20) // (row_bytes * opts.context_size))
 
 
-def add_stats(stats: HookStats, sums: tuple) -> None:
-    """Fold one shard's float64 sums into the running means (in shard order, so repeatable)."""
-    vec, norm_sum, sq_sum, count = sums
-    total = stats.count + count
-    mean = np.asarray(stats.mean, dtype=np.float64) if stats.count else np.zeros_like(vec)
-    new_mean = (mean * stats.count + vec) / total
-    stats.mean_norm = (stats.mean_norm * stats.count + norm_sum) / total
-    stats.mean_sq_norm = (stats.mean_sq_norm * stats.count + sq_sum) / total
-    stats.count = total
-    del stats.mean[:]
-    stats.mean.extend(new_mean.tolist())
-
-
 def build_cache(opts: BuildOptions, progress: bool = True, ray_address: str | None = None) -> Manifest:
     """Build (or resume) the cache described by `opts`; returns the final manifest."""
-    import ray
-
     fs, root = open_url(opts.out, opts.storage_options)
     existing = read_manifest(opts.out, opts.storage_options)
     if existing is None:
@@ -154,7 +129,7 @@ def new_manifest(config: BuildConfig, info: dict) -> Manifest:
     manifest = Manifest(
         format_version=FORMAT_VERSION, config=config, d_model=info["d_model"], n_ctx=info["n_ctx"],
         d_vocab=info["d_vocab"], bos_token_id=info["bos_token_id"], tokenizer=info["tokenizer"],
-        created_by=VERSION,
+        created_by=f"actserve {__version__}",
     )
     for split, tokens in (("eval", config.eval_tokens), ("train", config.train_tokens)):
         getattr(manifest, split).planned_shards = math.ceil(math.ceil(tokens / config.context_size) / spsh)
@@ -189,8 +164,6 @@ def shard_tasks(manifest: Manifest, sequences):
 
 
 def run_build(opts: BuildOptions, manifest: Manifest, hosts: list, tokenizer, info: dict, progress: bool) -> None:
-    import ray
-
     cfg = manifest.config
     fs, root = open_url(opts.out, opts.storage_options)
     spec = DatasetSpec(opts.dataset, opts.dataset_split, opts.text_column, opts.token_column)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from services.cache import DTYPES, open_url, write_shard
-from services.model import WeightProcessing, layers_needed, load_model, resolve_hooks
+from actserve.services.shard_format import DTYPES, write_shard
+from actserve.services.storage import open_url
+from actserve.services.model import WeightProcessing, layers_needed, load_model, resolve_hooks
 
 
 class ModelHost:

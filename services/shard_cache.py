@@ -22,13 +22,13 @@ import os
 import shutil
 import threading
 import time
-import uuid
 
 import fsspec
 import pyarrow as pa
 
-from proto.manifest_pb2 import Shard
-from services.cache import ROW_GROUP_BYTES, CacheError, read_shard
+from actserve.proto.manifest_pb2 import Shard
+from actserve.services.shard_format import ROW_GROUP_BYTES, read_shard, shard_errors
+from actserve.services.storage import CacheError, atomic_write
 
 FETCH_BLOCK = ROW_GROUP_BYTES
 FETCH_PARALLEL = 8            # ranged reads in flight per fetch
@@ -92,28 +92,21 @@ class ShardCache:
     def _fetch(self, fs: fsspec.AbstractFileSystem, remote: str, local: str, shard: Shard) -> None:
         self._evict_for(shard.num_bytes)
         os.makedirs(os.path.dirname(local), exist_ok=True)
-        tmp = f"{local}.tmp-{uuid.uuid4().hex}"
         size = shard.num_bytes
-        try:
-            with open(tmp, "wb") as out:
+
+        def fetch(target: str) -> None:
+            with open(target, "wb") as out:
                 step = FETCH_BLOCK * FETCH_PARALLEL
                 for first in range(0, size, step):
                     starts = list(range(first, min(size, first + step), FETCH_BLOCK))
                     ends = [min(s + FETCH_BLOCK, size) for s in starts]
                     for part in fs.cat_ranges([remote] * len(starts), starts, ends):
                         out.write(part)
-            if os.path.getsize(tmp) != size:
-                raise CacheError(f"shard {shard.path} is corrupt: fetched {os.path.getsize(tmp)} bytes, manifest says {size}")
-            os.replace(tmp, local)
-        except CacheError:
-            raise
-        except FileNotFoundError as e:
-            raise CacheError(f"shard {shard.path} is missing from the cache") from e
-        except Exception as e:  # noqa: BLE001 - each storage backend raises its own types
-            raise CacheError(f"cannot fetch shard {shard.path} from {remote}: {type(e).__name__}: {e}") from e
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(tmp)
+            if os.path.getsize(target) != size:
+                raise CacheError(f"shard {shard.path} is corrupt: fetched {os.path.getsize(target)} bytes, manifest says {size}")
+
+        with shard_errors(shard, f"could not be fetched from {remote}"):
+            atomic_write(self.local_fs, local, fetch)
         with self._count_lock:
             self.fetches += 1
 

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from proto.manifest_pb2 import Shard
-from services.cache import CacheError
+from actserve.proto.manifest_pb2 import Shard
+from actserve.services.storage import CacheError
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
-    from services.corpus import write_stdlib_corpus
+    from actserve.offline.corpus import write_stdlib_corpus
 
     path = tmp_path_factory.mktemp("corpus") / "stdlib.jsonl"
     write_stdlib_corpus(path)
@@ -33,7 +33,7 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, corpus):
     """A 2-layer GPT-2-architecture model directory, trained briefly on the corpus."""
-    from services.tiny_model import make_tiny_model
+    from actserve.offline.tiny_model import make_tiny_model
 
     out = tmp_path_factory.mktemp("tiny-model")
     make_tiny_model(out, corpus_path=corpus, **TEST_MODEL)
@@ -81,7 +81,7 @@ TINY_CACHE = dict(hooks="blocks.0.hook_resid_pre,blocks.1.hook_resid_pre", token
 @pytest.fixture(scope="session")
 def tiny_cache(tiny_model, corpus, ray_session, tmp_path_factory):
     """A cache of both residual-stream hooks of the tiny model, with train and eval splits."""
-    from services.build import BuildOptions, build_cache
+    from actserve.services.build import BuildOptions, build_cache
 
     out = tmp_path_factory.mktemp("tiny-cache") / "tiny"
     manifest = build_cache(BuildOptions(model=str(tiny_model), dataset=str(corpus), out=str(out), **TINY_CACHE),
@@ -92,7 +92,8 @@ def tiny_cache(tiny_model, corpus, ray_session, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_server(tiny_cache):
     """A real `actserve serve` process on 127.0.0.1 serving tiny_cache (named "tiny")."""
-    from services.server import ServeOptions, spawn_server
+    from actserve.services.serve_options import ServeOptions
+    from actserve.testing import spawn_server
 
     proc, location = spawn_server(ServeOptions(caches=(tiny_cache[0],)))
     yield location

@@ -10,7 +10,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from services.server import ActivationServer, ServeOptions, spawn_server
+from actserve.services.server import ActivationServer
+from actserve.services.serve_options import ServeOptions
+from actserve.testing import spawn_server
 
 
 @contextlib.contextmanager

@@ -14,10 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from services.build import BuildOptions, build_cache
-from services.cache import decode_activations, open_url, read_manifest, read_shard
-from services.cli import main as cli_main
-from services.data import DatasetSpec, iter_documents, iter_sequences
+from actserve.services.build import BuildOptions, build_cache
+from actserve.services.shard_format import decode_activations, read_shard
+from actserve.services.storage import open_url
+from actserve.services.manifest import read_manifest
+from actserve.cli import main as cli_main
+from actserve.services.data import DatasetSpec, iter_documents, iter_sequences
 from tests.conftest import free_port
 
 HOOKS = "blocks.0.hook_resid_pre,blocks.1.hook_resid_post"
@@ -48,7 +50,7 @@ def built(tiny_model, corpus, ray_session, tmp_path_factory):
 
 
 def test_activations_equal_run_with_cache(built, tiny_model, corpus):
-    from services.model import load_model
+    from actserve.services.model import load_model
 
     out, manifest = built
     model = load_model(str(tiny_model))
@@ -129,7 +131,7 @@ def test_killed_build_resumes_to_identical_cache(tiny_model, corpus, ray_session
     assert cli_main(cli_build_args(tiny_model, corpus, reference)) == 0
 
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "services.cli", *cli_build_args(tiny_model, corpus, out)]
+    cmd = [sys.executable, "-m", "actserve", *cli_build_args(tiny_model, corpus, out)]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120

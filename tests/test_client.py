@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from clients.stream import ActivationStream, StreamUnavailable
+from actserve.clients.stream import ActivationStream, StreamUnavailable
 from conftest import free_port
-from services.synthetic import SyntheticSpec, read_split, write_synthetic_cache
+from actserve.testing import SyntheticSpec, read_split, write_synthetic_cache
 from streamkit import row_keys, running_server, server_process
 
 SPEC = SyntheticSpec(train_shards=6, eval_shards=2)  # 16 sequences of 8 tokens per shard

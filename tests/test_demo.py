@@ -47,7 +47,7 @@ def test_demo_at_reduced_size(tmp_path):
 
 @pytest.mark.parametrize("flag", ["--tokens", "--eval-tokens"])
 def test_demo_rejects_bad_token_counts(tmp_path, capsys, flag):
-    from services.cli import main as cli_main
+    from actserve.cli import main as cli_main
 
     assert cli_main(["demo", "--workdir", str(tmp_path / "w"), flag, "0"]) == 2
     err = capsys.readouterr().err.strip()

@@ -265,7 +265,7 @@ def test_evaluate_expands_sae_patterns_on_the_cluster(fake_ray, tmp_path):
 
 
 def test_example_sweep_is_gpt2_smalls_seed_grid():
-    from clients.sweep import load_sweep, sweep_points
+    from actserve.clients.sweep_spec import load_sweep, sweep_points
 
     spec = load_sweep(str(DEPLOY / "sweep-gpt2.yaml"))
     points = sweep_points(spec)

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from clients.evaluator import EvalOptions, evaluate, logits_from
-from sae import SAEConfig, build_sae
-from services.cli import main as cli_main
+from actserve.clients.evaluator import EvalOptions, evaluate, logits_from
+from actserve.sae import SAEConfig, build_sae, save_sae
+from actserve.cli import main as cli_main
 
 HOOK = "blocks.1.hook_resid_pre"
 
@@ -23,7 +23,7 @@ def save_linear_sae(path, manifest, identity: bool):
         sae.W_dec.copy_(torch.cat([eye, -eye], dim=0) if identity else torch.zeros(2 * d, d))
         sae.b_enc.zero_()
         sae.b_dec.zero_()
-    sae.save(path)
+    save_sae(sae, path)
     return path
 
 
@@ -74,7 +74,7 @@ def test_report_files(identity_and_zero):
 
 @torch.no_grad()
 def test_start_at_layer_equals_full_forward(tiny_cache):
-    from services.model import load_model
+    from actserve.services.model import load_model
 
     url, manifest = tiny_cache
     model = load_model(manifest.config.model)
@@ -90,9 +90,9 @@ def test_start_at_layer_equals_full_forward(tiny_cache):
 def test_bad_sae_input(tiny_cache, tmp_path, capsys):
     url, manifest = tiny_cache
     wrong_width = build_sae(SAEConfig("standard", d_in=manifest.d_model + 1, d_sae=8, hook_name=HOOK))
-    wrong_width.save(tmp_path / "wide")
+    save_sae(wrong_width, tmp_path / "wide")
     wrong_hook = build_sae(SAEConfig("standard", d_in=manifest.d_model, d_sae=8, hook_name="blocks.0.hook_mlp_out"))
-    wrong_hook.save(tmp_path / "mlp")
+    save_sae(wrong_hook, tmp_path / "mlp")
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "cfg.json").write_text(json.dumps({"model_type": "crosscoder"}))
     (tmp_path / "empty").mkdir()

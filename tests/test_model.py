@@ -14,9 +14,9 @@ from tokenizers import Tokenizer
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from services.corpus import write_stdlib_corpus
-from services.model import WeightProcessing, hook_names, layers_needed, load_model, resolve_hooks
-from services.tiny_model import METADATA_FILE, SPECIAL_TOKEN, make_tiny_model
+from actserve.offline.corpus import write_stdlib_corpus
+from actserve.services.model import WeightProcessing, hook_names, layers_needed, load_model, resolve_hooks
+from actserve.offline.tiny_model import METADATA_FILE, SPECIAL_TOKEN, make_tiny_model
 
 UNPROCESSED = WeightProcessing(
     fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False

@@ -2,14 +2,16 @@
 serve it through the node-local shard cache, train against the server, evaluate from s3://."""
 from __future__ import annotations
 
-from services.build import BuildOptions, build_cache
+from actserve.services.build import BuildOptions, build_cache
 
 
 def test_build_serve_train_eval_on_s3(tiny_model, corpus, ray_session, s3_options, tmp_path):
-    from clients.evaluator import EvalOptions, evaluate
-    from clients.stream import ActivationStream
-    from clients.trainer import TrainOptions, train_from_server
-    from services.server import ServeOptions, spawn_server
+    from actserve.clients.evaluator import EvalOptions, evaluate
+    from actserve.clients.stream import ActivationStream
+    from actserve.clients.train_options import TrainOptions
+    from actserve.clients.trainer import train_from_server
+    from actserve.services.serve_options import ServeOptions
+    from actserve.testing import spawn_server
 
     url = "s3://actserve-test/pipeline"
     hook = "blocks.1.hook_resid_pre"

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from sae import StreamingMetrics, decoder_max_cosine_similarity, geometric_median, histogram, plot_log10_feature_density
+from actserve.sae import StreamingMetrics, decoder_max_cosine_similarity, geometric_median, histogram, plot_log10_feature_density
 
 
 def batches(n_batches=10, batch=500, d_in=16, seed=0):

@@ -4,8 +4,8 @@ import io
 import pytest
 import torch
 
-from sae import SAEConfig, SparseSuperposition, StreamingMetrics, Trainer, TrainConfig, build_sae
-from sae.synthetic import max_cosine_to_ground_truth
+from actserve.sae import SAEConfig, SparseSuperposition, StreamingMetrics, Trainer, TrainConfig, build_sae
+from actserve.sae.synthetic import max_cosine_to_ground_truth
 
 DATA = SparseSuperposition(d_in=32, n_features=64, fire_probability=0.05)
 D_SAE = 128

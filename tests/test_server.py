@@ -17,11 +17,13 @@ import pyarrow.flight as flight
 import pytest
 import torch
 
-from proto.stream_pb2 import CacheList, HealthResult, ServerStats, StreamRequest
-from services.cache import decode_activations, open_url
-from services.server import ServeOptions, add_serve_parser, is_loopback, options_from_args
-from services.shard_cache import ShardCache
-from services.synthetic import SyntheticCache, SyntheticSpec, read_split, write_synthetic_cache
+from actserve.proto.stream_pb2 import CacheList, HealthResult, ServerStats, StreamRequest
+from actserve.services.shard_format import decode_activations
+from actserve.services.storage import open_url
+from actserve.services.serve_options import ServeOptions, is_loopback
+from actserve.cli import add_serve_parser, options_from_args
+from actserve.services.shard_cache import ShardCache
+from actserve.testing import SyntheticCache, SyntheticSpec, read_split, write_synthetic_cache
 from streamkit import read_table, row_keys, running_server, wait_until
 
 SPEC = SyntheticSpec()  # 6 train shards of 16 sequences of 8 tokens, 2 eval shards, 2 hooks of d_model 16
@@ -61,7 +63,7 @@ PLAIN_CLIENT = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
 import pyarrow.flight as flight
-from proto import stream_pb2  # generated from the .proto files just now, nothing of the project
+from actserve.proto import stream_pb2    # generated from the .proto files just now, nothing of the project
 assert stream_pb2.__file__.startswith(sys.argv[1]), stream_pb2.__file__
 client = flight.connect(sys.argv[2])
 req = stream_pb2.StreamRequest(cache="tiny", batch_size=50, seed=3, include_meta=True, drop_bos=True)
@@ -85,9 +87,12 @@ def test_plain_flight_client_with_only_the_proto(server, tmp_path):
 
     repo = Path(__file__).resolve().parents[1]
     wire = tmp_path / "wire"
-    (wire / "proto").mkdir(parents=True)
-    (wire / "proto" / "__init__.py").write_text("")
-    assert protoc.main(["protoc", f"-I{repo}", f"--python_out={wire}", "proto/manifest.proto", "proto/stream.proto"]) == 0
+    (wire / "actserve" / "proto").mkdir(parents=True)
+    for package in (wire / "actserve", wire / "actserve" / "proto"):
+        (package / "__init__.py").write_text("")
+    # the files import each other as actserve/proto/..., the package they are installed as
+    assert protoc.main(["protoc", f"-Iactserve/proto={repo / 'proto'}", f"--python_out={wire}",
+                        "actserve/proto/manifest.proto", "actserve/proto/stream.proto"]) == 0
     script = tmp_path / "client.py"
     script.write_text(PLAIN_CLIENT)
     out = subprocess.run([sys.executable, "-I", str(script), str(wire), server.location],
@@ -392,7 +397,7 @@ def test_serve_command_line(cache, tmp_path):
 def test_server_actors_are_replicas(cache, ray_session):
     import ray
 
-    from services.server import start_actors
+    from actserve.services.run_server import start_actors
 
     actors = start_actors(ServeOptions(caches=(cache[0],), servers=2, local_cache_gb=0), token=None)
     try:

@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from proto.manifest_pb2 import Shard
-from services.cache import CacheError
-from services.shuffle import Order, consumer_rows, epoch_blocks, locate, row_indices
+from actserve.proto.manifest_pb2 import Shard
+from actserve.services.storage import CacheError
+from actserve.services.shuffle import Order, consumer_rows, epoch_blocks, locate, row_indices
 
 CTX = 8
 

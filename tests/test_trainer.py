@@ -10,12 +10,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from clients.stream import ActivationStream
-from clients.sweep import SweepError, load_sweep, run_sweep
-from clients.trainer import CHECKPOINT
-from services.cli import main as cli_main
+from actserve.clients.stream import ActivationStream
+from actserve.clients.sweep import run_sweep
+from actserve.clients.sweep_spec import SweepError, load_sweep
+from actserve.clients.trainer import CHECKPOINT
+from actserve.cli import main as cli_main
 
 HOOKS = ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"]
 
@@ -35,7 +37,7 @@ def test_killed_trainer_resumes_to_identical_weights(tiny_server, tmp_path):
     assert cli_main(train_args(tiny_server, tmp_path / "reference", **args)) == 0
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli", *train_args(tiny_server, out, **args)],
+    proc = subprocess.Popen([sys.executable, "-m", "actserve", *train_args(tiny_server, out, **args)],
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
@@ -57,7 +59,7 @@ def test_killed_trainer_resumes_to_identical_weights(tiny_server, tmp_path):
 
 def test_standard_sae_on_tiny_model_is_good(tiny_server, tiny_cache, tmp_path):
     """The acceptance bar: EV >= 0.9, CE recovered >= 0.9, < 10% dead, after a modest budget."""
-    from clients.evaluator import EvalOptions, evaluate
+    from actserve.clients.evaluator import EvalOptions, evaluate
 
     out = tmp_path / "sae"
     assert cli_main(train_args(tiny_server, out, tokens=196_608, expansion=8, lr=1e-3)) == 0
@@ -147,3 +149,22 @@ def test_train_without_a_server_says_what_to_start(tmp_path, capsys):
     assert cli_main(args) == 2
     err = capsys.readouterr().err
     assert "actserve serve" in err, err
+
+
+def test_seed_seeds_the_initial_weights(tmp_path):
+    """--seed reaches everything random in a run: two seeds give different weights, one seed the same bytes."""
+    from actserve.clients.train_options import TrainOptions
+    from actserve.clients.trainer import train
+    from actserve.proto.manifest_pb2 import HookStats
+    from actserve.testing import TensorBatches
+
+    x = torch.randn(512, 16, generator=torch.Generator().manual_seed(0))
+    stats = HookStats(count=512, mean_norm=float(x.norm(dim=1).mean()), mean_sq_norm=float(x.pow(2).sum(1).mean()))
+
+    def weights(seed: int, name: str) -> bytes:
+        opts = TrainOptions(hook="h", out=str(tmp_path / name), tokens=256, batch_size=128, expansions=(2,), seed=seed)
+        (path,) = train(opts, TensorBatches(x, "h", 128), 16, stats, progress=False)
+        return (path / "sae_weights.safetensors").read_bytes()
+
+    assert weights(1, "a") == weights(1, "b")
+    assert weights(1, "a") != weights(2, "c")

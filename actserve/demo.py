@@ -15,6 +15,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from actserve.clients.sweep import run_sweep
+from actserve.clients.sweep_spec import SweepSpec
+from actserve.clients.train_options import TrainOptions
+from actserve.offline.corpus import write_stdlib_corpus
+from actserve.offline.tiny_model import make_tiny_model
+from actserve.services.build import BuildOptions, build_cache
+from actserve.services.manifest import summary
+from actserve.services.ray_runtime import ensure_ray
+
 # Chosen on the tiny model (E|x| about 20 at every layer): with ~2000 steps of 1024 tokens, L1 1.0
 # gives explained variance ~0.9 at L0 ~100 of 1024 features; 0.3 gives ~0.95 at L0 ~200.
 DEMO_EXPANSION = 8        # d_sae = 8 * d_model: the tiny model's residual stream is 128 wide
@@ -40,15 +49,10 @@ class DemoOptions:
 
 def prepare_model(workdir: Path) -> tuple[Path, Path]:
     """The corpus and tiny model under workdir, made on first use."""
-    from services.corpus import write_stdlib_corpus
-    from services.tiny_model import make_tiny_model
-
     workdir.mkdir(parents=True, exist_ok=True)
     corpus = workdir / "corpus.jsonl"
     if not corpus.exists():
-        tmp = corpus.with_suffix(".partial")
-        write_stdlib_corpus(tmp)
-        tmp.replace(corpus)
+        write_stdlib_corpus(corpus)  # written whole or not at all
     model = workdir / "tiny-model"
     make_tiny_model(model, corpus_path=corpus)
     return corpus, model
@@ -56,8 +60,6 @@ def prepare_model(workdir: Path) -> tuple[Path, Path]:
 
 def demo_points(manifest, out: Path, tokens: int, batch_size: int) -> list:
     """A standard SAE per cached layer, and a Normalized SAE on the middle layer."""
-    from clients.trainer import TrainOptions
-
     hooks = list(manifest.config.hooks)
     common = dict(tokens=tokens, batch_size=batch_size, expansions=(DEMO_EXPANSION,), lrs=(DEMO_LR,), lr_warmup_steps=100,
                   checkpoint_every=max(tokens // 4, batch_size), log_every=20)
@@ -70,10 +72,6 @@ def demo_points(manifest, out: Path, tokens: int, batch_size: int) -> list:
 
 
 def run_demo(opts: DemoOptions) -> int:
-    from clients.sweep import SweepSpec, run_sweep
-    from services.build import BuildOptions, build_cache, ensure_ray
-    from services.cache import summary
-
     timings = {}
     t0 = time.perf_counter()
     corpus, model = prepare_model(opts.workdir)

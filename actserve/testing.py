@@ -1,21 +1,31 @@
-"""Synthetic activation caches, for tests and benchmarks: random activations written through the
-real shard encoder and manifest writer, so readers see exactly what `cache build` produces, in
-seconds and without a model. A cache can be committed shard by shard, as a running build does.
+"""Test and benchmark helpers, kept out of the service.
+
+* Synthetic activation caches: random activations written through the real shard encoder and
+  manifest writer, so readers see exactly what `cache build` produces, in seconds and without a
+  model. A cache can be committed shard by shard, as a running build does.
+* `spawn_server`: a real `actserve serve` process, for notebooks, tests and benchmarks.
+* `TensorBatches`: batches from tensors in memory, with a stream's resume interface: the
+  reference that the server's data-wait figures are measured against.
 
 Shard k of a split holds sequences first_sequence.. of context_size tokens (BOS first); sequence
 ids run over the eval split first, then train, as in services/build.py.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
-from proto.manifest_pb2 import BuildConfig, HookStats, Manifest, Shard
-from services.cache import (
-    DTYPES, FORMAT_VERSION, decode_activations, open_url, read_shard, shard_path, write_manifest, write_shard,
-)
+from actserve.proto.manifest_pb2 import BuildConfig, Manifest, Shard
+from actserve.services.shard_format import DTYPES, decode_activations, read_shard, shard_path, write_shard
+from actserve.services.manifest import FORMAT_VERSION, add_stats, write_manifest
+from actserve.services.serve_options import ServeOptions
+from actserve.services.storage import open_url
 
 BOS = 0
 
@@ -51,7 +61,6 @@ class SyntheticCache:
                                  tokenizer="synthetic", created_by="actserve synthetic")
         self.manifest.train.planned_shards = spec.train_shards
         self.manifest.eval.planned_shards = spec.eval_shards
-        self.sums = {h: [np.zeros(spec.d_model), 0.0, 0.0, 0] for h in spec.hooks}
         write_manifest(self.fs, self.root, self.manifest)
 
     def commit(self, split: str, count: int = 1) -> None:
@@ -82,14 +91,7 @@ class SyntheticCache:
         for hook, values in acts.items():
             x = values.double().numpy()[keep]
             norms = np.linalg.norm(x, axis=1)
-            sums = self.sums[hook]
-            sums[0] += x.sum(0)
-            sums[1] += norms.sum()
-            sums[2] += (norms ** 2).sum()
-            sums[3] += len(x)
-            n = sums[3]
-            self.manifest.stats[hook].CopyFrom(HookStats(count=n, mean=(sums[0] / n).tolist(),
-                                                         mean_norm=sums[1] / n, mean_sq_norm=sums[2] / n))
+            add_stats(self.manifest.stats[hook], (x.sum(0), norms.sum(), (norms ** 2).sum(), len(x)))
 
     def finish(self) -> Manifest:
         self.commit("eval", self.spec.eval_shards)
@@ -118,3 +120,35 @@ def read_split(url: str, manifest: Manifest, split: str, storage_options: dict |
         else:
             out[name] = np.concatenate([c.to_numpy() for c in chunks])
     return out
+
+
+def spawn_server(options: ServeOptions) -> tuple[subprocess.Popen, str]:
+    """`serve(options)` in a new Python process (servers=1); returns it and its location once it
+    listens. The process is the caller's to stop."""
+    code = ("import json, sys; from actserve.services.serve_options import ServeOptions; "
+            "from actserve.services.run_server import serve; serve(ServeOptions(**json.loads(sys.argv[1])))")
+    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(asdict(options))], stdout=subprocess.PIPE, text=True)
+    location = proc.stdout.readline().strip()
+    if not location:
+        raise RuntimeError(f"the server process exited with code {proc.wait()} before listening (its stderr says why)")
+    return proc, location
+
+
+class TensorBatches:
+    """Batches from tensors already in memory, with the same resume interface as ActivationStream
+    (the reference the data-wait benchmark compares the server against)."""
+
+    def __init__(self, activations: torch.Tensor, hook: str, batch_size: int):
+        self.activations, self.hook, self.batch_size, self.position = activations, hook, batch_size, 0
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        while True:  # endless, like a stream with epochs=None
+            start = self.position % len(self.activations)
+            self.position += self.batch_size
+            yield {self.hook: self.activations[start:start + self.batch_size]}
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = state["position"]

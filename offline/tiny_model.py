@@ -18,13 +18,15 @@ import os
 import platform
 import time
 
+import numpy as np
 import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from services.corpus import write_stdlib_corpus
+from actserve.offline.corpus import write_stdlib_corpus
+from actserve.services.data import iter_sequences
 
 METADATA_FILE = "actserve_tiny_model.json"
 STDLIB_CORPUS_FILE = "stdlib_corpus.jsonl"
@@ -198,19 +200,10 @@ def _as_transformers_tokenizer(tokenizer: Tokenizer, n_ctx: int) -> PreTrainedTo
 
 
 def _pack_sequences(tokenizer: Tokenizer, texts: list[str], n_ctx: int, bos_id: int) -> torch.Tensor:
-    """Concatenate documents separated by BOS and cut into rows of n_ctx tokens, each starting with BOS.
-
-    This is SAELens's convention (begin-batch and separator tokens both BOS); the incomplete last
-    row is dropped.
-    """
-    stream = []
-    for encoding in tokenizer.encode_batch(texts):
-        stream.extend(encoding.ids)
-        stream.append(bos_id)
-    body = n_ctx - 1
-    n_rows = len(stream) // body
-    rows = torch.tensor(stream[: n_rows * body], dtype=torch.long).view(n_rows, body)
-    return torch.cat([torch.full((n_rows, 1), bos_id, dtype=torch.long), rows], dim=1)
+    """The documents as rows of n_ctx tokens, cut the way the cache builder cuts them
+    (`iter_sequences`: BOS-joined, each row starting with BOS); the incomplete last row is dropped."""
+    documents = (encoding.ids for encoding in tokenizer.encode_batch(texts))
+    return torch.from_numpy(np.stack(list(iter_sequences(documents, n_ctx, bos_id)))).long()
 
 
 def _train(model, sequences, seed, max_steps, train_seconds, batch_size, progress) -> dict:

@@ -1,12 +1,24 @@
 """The `actserve` command. Each subcommand parses and validates its flags here, at the edge, into
-the typed config of the module that does the work."""
+the typed config of the module that does the work (`train`'s flags are generated from TrainOptions).
+
+The modules that do the work (torch, TransformerLens, Ray) are imported by the subcommand that
+runs them, so that `--help` and the light commands start at once.
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
+import typing
 from pathlib import Path
+
+from actserve.clients import sweep_spec
+from actserve.clients.train_options import TrainOptions
+from actserve.services.data import DatasetError
+from actserve.services.serve_options import ServeOptions
+from actserve.services.storage import CacheError
 
 EPILOG = """examples:
   actserve demo                                   # the whole pipeline, offline, on this machine
@@ -41,7 +53,7 @@ def add_processing_flags(p: argparse.ArgumentParser) -> None:
 
 
 def processing_from(args):
-    from services.model import WeightProcessing
+    from actserve.services.model import WeightProcessing
 
     return WeightProcessing(
         fold_ln=args.fold_ln, center_writing_weights=args.center_writing_weights,
@@ -53,7 +65,7 @@ def processing_from(args):
 
 
 def cmd_tiny_model(args) -> int:
-    from services.tiny_model import make_tiny_model
+    from actserve.offline.tiny_model import make_tiny_model
 
     result = make_tiny_model(args.out, seed=args.seed, train_seconds=args.seconds, max_steps=args.steps)
     print(json.dumps(result, indent=1))
@@ -61,8 +73,8 @@ def cmd_tiny_model(args) -> int:
 
 
 def cmd_cache_build(args) -> int:
-    from services.build import BuildOptions, build_cache
-    from services.cache import summary
+    from actserve.services.build import BuildOptions, build_cache
+    from actserve.services.manifest import summary
 
     opts = BuildOptions(
         model=args.model, dataset=args.dataset, hooks=args.hooks, out=args.out, tokens=args.tokens,
@@ -78,7 +90,7 @@ def cmd_cache_build(args) -> int:
 
 
 def cmd_cache_info(args) -> int:
-    from services.cache import CacheError, manifest_to_json, read_manifest, summary
+    from actserve.services.manifest import manifest_to_json, read_manifest, summary
 
     options = parse_json_object(args.storage_options, "--storage-options")
     manifest = read_manifest(args.url, options)
@@ -101,16 +113,9 @@ def csv_of(kind, flag: str):
 
 
 def cmd_train(args) -> int:
-    from clients.trainer import TrainOptions, train_from_server
+    from actserve.clients.trainer import train_from_server
 
-    opts = TrainOptions(
-        hook=args.hook, out=args.out, tokens=args.tokens, architectures=args.arch, expansions=args.expansion,
-        l1_coefficients=args.l1_coefficient, ks=args.k, lrs=args.lr, batch_size=args.batch_size,
-        lr_warmup_steps=args.lr_warmup_steps, lr_decay=args.lr_decay, l1_warmup_steps=args.l1_warmup_steps,
-        ghost_grads=args.ghost_grads, dead_feature_window=args.dead_feature_window,
-        scale_to_sqrt_d=args.scale_to_sqrt_d, seed=args.seed, checkpoint_every=args.checkpoint_every,
-        log_every=args.log_every, device=args.device, wandb_project=args.wandb_project,
-    )
+    opts = dataclass_from_args(TrainOptions, args)
     paths = train_from_server(opts, args.server, args.cache, token=os.environ.get(args.token_env),
                               progress=not args.quiet, reconnect_timeout=args.reconnect_timeout)
     for path in paths:
@@ -119,7 +124,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from clients.evaluator import EvalOptions, evaluate, markdown_table
+    from actserve.clients.evaluator import EvalOptions, eval_table, evaluate
 
     opts = EvalOptions(
         saes=tuple(args.sae), cache=args.cache, out=args.out, server=args.server,
@@ -127,13 +132,14 @@ def cmd_eval(args) -> int:
         max_tokens=args.max_tokens, batch_sequences=args.batch_sequences,
         exclude_bos=not args.include_bos, device=args.device,
     )
-    print(markdown_table(evaluate(opts, progress=not args.quiet)), end="")
+    print(eval_table(evaluate(opts, progress=not args.quiet)), end="")
     print(f"report: {Path(args.out) / 'eval.json'}, {Path(args.out) / 'eval.md'}, density PNGs in {args.out}")
     return 0
 
 
 def cmd_sweep(args) -> int:
-    from clients.sweep import load_sweep, run_sweep
+    from actserve.clients.sweep import run_sweep
+    from actserve.clients.sweep_spec import load_sweep
 
     results = run_sweep(load_sweep(args.sweep), progress=not args.quiet)
     spec_out = Path(load_sweep(args.sweep).out)
@@ -143,13 +149,95 @@ def cmd_sweep(args) -> int:
     return 1 if failed else 0
 
 
+def run_serve_command(args) -> int:
+    from actserve.services.run_server import serve
+
+    serve(options_from_args(args))
+    return 0
+
+
 def cmd_demo(args) -> int:
-    from services.demo import DemoOptions, run_demo
+    from actserve.demo import DemoOptions, run_demo
 
     return run_demo(DemoOptions(workdir=Path(args.workdir), tokens=args.tokens, eval_tokens=args.eval_tokens))
 
 
 # --- parser ------------------------------------------------------------------------------------
+
+
+def flag_name(f: dataclasses.Field) -> str:
+    return "--" + f.metadata.get("flag", f.name.replace("_", "-"))
+
+
+def add_dataclass_flags(p: argparse.ArgumentParser, cls) -> None:
+    """One flag per field of the options dataclass `cls`, with its default and help from the field:
+    tuples take comma lists, bools are switches, fields without a default are required."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        kwargs = {"help": f.metadata["help"], "dest": f.name}
+        if f.default is dataclasses.MISSING:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = f.default
+        if kind is bool:
+            p.add_argument(flag_name(f), action="store_true", **kwargs)
+            continue
+        if typing.get_origin(kind) is tuple:
+            kwargs["type"] = csv_of(typing.get_args(kind)[0], flag_name(f))
+        else:
+            kwargs["type"] = next(t for t in (typing.get_args(kind) or (kind,)) if t is not type(None))
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        p.add_argument(flag_name(f), **kwargs)
+
+
+def dataclass_from_args(cls, args: argparse.Namespace):
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def add_serve_parser(subparsers) -> argparse.ArgumentParser:
+    """Add `serve` to an argparse subparsers object; its func runs the server and returns 0."""
+    p = subparsers.add_parser(
+        "serve", help="stream cached activations over Arrow Flight",
+        description="Serve one or more activation caches over Arrow Flight (gRPC): shuffled, exactly-once "
+                    "epochs for trainers, whole sequences for evaluators. Prints each grpc:// location, runs "
+                    "until interrupted. Wire contract: proto/stream.proto.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--cache", action="append", required=True, metavar="[NAME=]URL",
+                   help="cache to serve (repeatable); named by NAME or the URL's last path component")
+    p.add_argument("--host", default=ServeOptions.host, help="address to bind; anything but loopback needs a token")
+    p.add_argument("--port", type=int, default=ServeOptions.port, help="port (0: any free one); with --servers K, ports PORT..PORT+K-1")
+    p.add_argument("--servers", type=int, default=ServeOptions.servers, help="server processes (Ray actors when > 1), listed as replicas")
+    p.add_argument("--token-env", default=ServeOptions.token_env, help="environment variable holding the bearer token")
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback bind without a token")
+    p.add_argument("--tls-cert", default=ServeOptions.tls_cert, help="PEM certificate: serve grpc+tls://")
+    p.add_argument("--tls-key", default=ServeOptions.tls_key, help="PEM private key of --tls-cert")
+    p.add_argument("--storage-options", default="{}", help="JSON of fsspec options for the cache URLs")
+    p.add_argument("--local-cache-dir", default=ServeOptions.local_cache_dir,
+                   help="node-local copy of remote (s3://) shards, shared by the servers of this node")
+    p.add_argument("--local-cache-gb", type=float, default=ServeOptions.local_cache_gb,
+                   help="size bound of --local-cache-dir (LRU eviction); 0 reads remote shards directly")
+    p.add_argument("--max-batch-size", type=int, default=ServeOptions.max_batch_size, help="largest batch_size accepted, tokens")
+    p.add_argument("--block-shards", type=int, default=ServeOptions.block_shards, help="default shuffle block, in shards")
+    p.add_argument("--peer", action="append", default=[], metavar="LOCATION",
+                   help="grpc:// location of another server of the same caches, listed as a replica (repeatable)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster for --servers > 1 (default: $RAY_ADDRESS, else local)")
+    p.set_defaults(func=run_serve_command)
+    return p
+
+
+def options_from_args(args: argparse.Namespace) -> ServeOptions:
+    storage_options = parse_json_object(args.storage_options, "--storage-options")
+    return ServeOptions(
+        caches=tuple(args.cache), host=args.host, port=args.port, servers=args.servers, token_env=args.token_env,
+        insecure=args.insecure, tls_cert=args.tls_cert, tls_key=args.tls_key, storage_options=storage_options,
+        local_cache_dir=args.local_cache_dir, local_cache_gb=args.local_cache_gb,
+        max_batch_size=args.max_batch_size, block_shards=args.block_shards, peers=tuple(args.peer),
+        ray_address=args.ray_address,
+    )
+
+
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,8 +300,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_processing_flags(p)
     p.set_defaults(func=cmd_cache_build)
 
-    from services.server import add_serve_parser
-
     add_serve_parser(sub)
 
     p = sub.add_parser(
@@ -226,28 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--server", required=True, help="grpc:// location of `actserve serve`")
     p.add_argument("--cache", required=True, help="cache name or URL, as the server serves it")
-    p.add_argument("--hook", required=True, help="hook to train on, e.g. blocks.8.hook_resid_pre")
-    p.add_argument("--tokens", type=int, required=True, help="token budget; more than the split holds means more epochs")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--arch", type=csv_of(str, "--arch"), default=("standard",), help="standard, gated, topk, normalized (comma list)")
-    p.add_argument("--expansion", type=csv_of(int, "--expansion"), default=(32,), help="d_sae / d_in (comma list)")
-    p.add_argument("--l1-coefficient", type=csv_of(float, "--l1-coefficient"), default=(8e-5,),
-                   help="L1 coefficient; for normalized SAEs alpha, with beta = alpha * E|x|^2 (comma list)")
-    p.add_argument("--k", type=csv_of(int, "--k"), default=(32,), help="active latents of topk SAEs (comma list)")
-    p.add_argument("--lr", type=csv_of(float, "--lr"), default=(4e-4,), help="Adam learning rate (comma list)")
-    p.add_argument("--batch-size", type=int, default=4096, help="tokens per step")
-    p.add_argument("--lr-warmup-steps", type=int, default=1000)
-    p.add_argument("--lr-decay", choices=["constant", "cosine", "linear"], default="constant")
-    p.add_argument("--l1-warmup-steps", type=int, default=0)
-    p.add_argument("--ghost-grads", action="store_true", help="ghost grads for dead features (standard SAEs)")
-    p.add_argument("--dead-feature-window", type=int, default=1000, help="steps without firing that make a feature dead")
-    p.add_argument("--scale-to-sqrt-d", action="store_true",
-                   help="scale inputs to E|x|^2 = d_in (SAELens style), folded back into the weights at export")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=1_000_000, help="tokens between checkpoints")
-    p.add_argument("--log-every", type=int, default=50, help="steps between metrics.jsonl records")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--wandb-project", default=None, help="also log to this Weights & Biases project")
+    add_dataclass_flags(p, TrainOptions)
     p.add_argument("--token-env", default="ACTSERVE_TOKEN", help="environment variable holding the server's bearer token")
     p.add_argument("--reconnect-timeout", type=float, default=60.0,
                    help="seconds to keep retrying (with backoff) an unreachable server before giving up")
@@ -274,10 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
 
-    import clients.sweep as sweep_module  # light: torch is imported when the sweep runs
-
     p = sub.add_parser("sweep", help="train a grid of SAEs concurrently on Ray, then evaluate them",
-                       description=sweep_module.__doc__,
+                       description=sweep_spec.__doc__,  # the sweep file's format
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep", help="sweep YAML file")
     p.add_argument("--quiet", action="store_true")
@@ -300,9 +363,6 @@ def error_message(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from services.cache import CacheError
-    from services.data import DatasetError
-
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -1,0 +1,113 @@
+"""Storage behind a cache URL (any fsspec URL: local path, file://, s3://, ...): opening it,
+the ONE atomic write every file of the project goes through, and errors that name the problem.
+
+A file becomes visible in one step, so a reader sees the old file (or none) or the whole new one:
+  * on local disk it is written under a unique temporary name in the same directory, fsynced,
+    renamed over the target, and the directory is fsynced so the rename survives a power loss;
+  * on an object store (which has no rename) it is sent in a single PUT, which the store
+    publishes atomically.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Callable
+
+import fsspec
+import pyarrow as pa
+
+
+class CacheError(Exception):
+    """A cache that cannot be used as asked: the message says which cache and why."""
+
+
+def open_url(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and root path of a cache URL (local path, file://, s3://, ...)."""
+    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    return fs, root.rstrip("/")
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+LOCAL_FS = fsspec.filesystem("file")
+
+
+def atomic_write(fs: fsspec.AbstractFileSystem, path: str, write: Callable) -> int:
+    """Create `path` so that readers see either no file (or the old one) or the whole new one, and
+    return its size. `write(target)` writes the content to `target`: a local path (a temporary
+    name, fsynced and renamed) or, for object stores, an Arrow buffer then sent in one PUT."""
+    if is_local(fs):
+        directory = os.path.dirname(path) or "."
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"  # unique: concurrent writers never share one
+        os.makedirs(directory, exist_ok=True)
+        try:
+            write(tmp)
+            fsync(tmp)  # the data is on disk before any manifest can name it
+            os.replace(tmp, path)
+            fsync(directory)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+        return os.path.getsize(path)
+    sink = pa.BufferOutputStream()
+    write(sink)
+    data = sink.getvalue().to_pybytes()
+    fs.pipe_file(path, data)  # one PUT (or one completed multipart upload): atomic
+    return len(data)
+
+
+def fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_bytes(data: bytes) -> Callable:
+    """An `atomic_write` writer for bytes already in memory."""
+    def write(target):
+        if isinstance(target, str):
+            with open(target, "wb") as f:
+                f.write(data)
+        else:
+            target.write(data)
+    return write
+
+
+def write_local_file(path, data: bytes) -> None:
+    """`atomic_write` of bytes to a local path (checkpoints, exported SAEs, reports)."""
+    atomic_write(LOCAL_FS, os.fspath(path), write_bytes(data))
+
+
+def check_writable(fs: fsspec.AbstractFileSystem, root: str, url: str) -> None:
+    """Fail early, before any work, if the cache location cannot be written."""
+    probe = f"{root}/.actserve-probe-{uuid.uuid4().hex}"
+    try:
+        if is_local(fs):  # object stores have no directories; makedirs there could create a bucket
+            fs.makedirs(root, exist_ok=True)
+        fs.pipe_file(probe, b"")
+        fs.rm_file(probe)
+    except Exception as e:  # noqa: BLE001 - every backend raises its own types
+        raise storage_error(url, "write to cache URL", e) from e
+
+
+def storage_error(url: str, action: str, error: Exception) -> CacheError:
+    """One line saying what went wrong with the storage behind `url`, and what to set."""
+    name, text = type(error).__name__, str(error)
+    if name == "NoCredentialsError":
+        hint = ("no credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), "
+                "attach an instance profile, or pass key/secret in --storage-options")
+    elif name in ("EndpointConnectionError", "ConnectTimeoutError") or isinstance(error, ConnectionError):
+        hint = "the storage endpoint did not answer: is it running? check endpoint_url in --storage-options"
+    elif isinstance(error, PermissionError):
+        hint = "access denied: the credentials lack permission on this location"
+    elif "bucket does not exist" in text or "NoSuchBucket" in text:
+        bucket = url.split("://", 1)[-1].split("/", 1)[0]
+        hint = f"bucket {bucket!r} does not exist: create it or fix the URL"
+    else:
+        hint = f"{name}"
+    return CacheError(f"cannot {action} {url}: {hint} ({text.splitlines()[0] if text else name})")
