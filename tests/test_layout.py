@@ -106,3 +106,33 @@ def test_wheel_installs_beside_proto_plus(tmp_path):
     out = subprocess.run([python, "-c", check], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert set(eval(out.stdout)) == {"actserve"}, out.stdout  # besides the `actserve` script
+
+
+def test_cli_defaults_are_the_option_dataclasses_defaults():
+    """Every flag whose name is a field of the command's options dataclass defaults to that field's
+    default: defaults are written once, in the dataclass (train's flags are generated from it)."""
+    import dataclasses
+
+    from actserve.cli import build_parser
+    from actserve.clients.evaluator import EvalOptions
+    from actserve.clients.train_options import TrainOptions
+    from actserve.demo import DemoOptions
+    from actserve.services.build import BuildOptions
+    from actserve.services.serve_options import ServeOptions
+
+    parser = build_parser()
+    commands = {
+        ("cache", "build", "--model", "m", "--dataset", "d", "--hooks", "h", "--tokens", "1", "--out", "o"): BuildOptions,
+        ("eval", "--sae", "s", "--cache", "c", "--out", "o"): EvalOptions,
+        ("serve", "--cache", "c"): ServeOptions,
+        ("train", "--server", "s", "--cache", "c", "--hook", "h", "--tokens", "1", "--out", "o"): TrainOptions,
+        ("demo",): DemoOptions,
+    }
+    checked = 0
+    for argv, options in commands.items():
+        args = vars(parser.parse_args(list(argv)))
+        for f in dataclasses.fields(options):
+            if f.name in args and f.default is not dataclasses.MISSING:
+                assert args[f.name] == f.default, f"{' '.join(argv[:2])} --{f.name}: {args[f.name]!r} != {f.default!r}"
+                checked += 1
+    assert checked > 30
