@@ -126,8 +126,12 @@ def train(opts: TrainOptions, source, d_in: int, stats, model_name: str = "", co
         step = runs[0].trainer.n_steps
         if step % opts.log_every == 0 or tokens >= opts.tokens:
             for run in runs:
-                record = {"run": run.name, "tokens": tokens, **run.last, **run.metrics.compute(),
-                          "tokens_per_s": (tokens - start_tokens) / (time.perf_counter() - start_time), "data_wait_fraction": wait / max(wait + busy, 1e-9)}
+                # the last step's numbers (dead_features: the trainer's window), then the metrics
+                # of the sampled batches since the last record, under window_*
+                window = {f"window_{key}": value for key, value in run.metrics.compute().items()}
+                record = {"run": run.name, "tokens": tokens, **run.last, **window,
+                          "tokens_per_s": (tokens - start_tokens) / (time.perf_counter() - start_time),
+                          "data_wait_fraction": wait / max(wait + busy, 1e-9)}
                 log.write(json.dumps(record) + "\n")
                 if wandb_run is not None:
                     wandb_run.log({f"{run.name}/{k}": v for k, v in record.items() if isinstance(v, (int, float))}, step=step)

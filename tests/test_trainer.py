@@ -54,7 +54,10 @@ def test_killed_trainer_resumes_to_identical_weights(tiny_server, tmp_path):
     assert (out / "sae_weights.safetensors").read_bytes() == (tmp_path / "reference" / "sae_weights.safetensors").read_bytes()
     assert not (out / CHECKPOINT).exists()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert {"loss", "l0", "explained_variance", "dead_features", "lr", "tokens_per_s", "data_wait_fraction"} <= set(records[-1])
+    assert {"loss", "l0", "window_explained_variance", "dead_features", "lr", "tokens_per_s",
+            "data_wait_fraction"} <= set(records[-1])
+    # the run's own token count and the trainer's dead features, not the metrics window's
+    assert records[-1]["tokens"] == args["tokens"] and records[-1]["tokens"] > records[-1]["window_tokens"]
 
 
 def test_standard_sae_on_tiny_model_is_good(tiny_server, tiny_cache, tmp_path):
