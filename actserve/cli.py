@@ -100,6 +100,19 @@ def cmd_cache_info(args) -> int:
     return 0
 
 
+def cmd_cache_verify(args) -> int:
+    from actserve.services.verify import verify_cache
+
+    problems = verify_cache(args.url, parse_json_object(args.storage_options, "--storage-options"))
+    for problem in problems:
+        print(f"{args.url}: {problem}")
+    if problems:
+        print(f"actserve: error: {len(problems)} problem(s) in {args.url}", file=sys.stderr)
+        return 2
+    print(f"{args.url}: verified: complete, every shard's size, checksum and pages sound")
+    return 0
+
+
 def csv_of(kind, flag: str):
     def parse(text: str) -> tuple:
         try:
@@ -351,6 +364,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print manifest.json instead")
     p.add_argument("--storage-options", default="{}", help="JSON of fsspec options")
     p.set_defaults(func=cmd_cache_info)
+
+    p = cache.add_parser("verify", help="check every shard of a cache fully",
+                         description="Read every committed shard of the cache at URL: size, whole-file sha256 (when "
+                                     "the manifest records it), every data page's checksum, row count. Prints one "
+                                     "line per problem; exit code 2 when there is any.")
+    p.add_argument("url")
+    p.add_argument("--storage-options", default="{}", help="JSON of fsspec options")
+    p.set_defaults(func=cmd_cache_verify)
     return parser
 
 
