@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import os
 import sys
@@ -394,12 +395,29 @@ def error_message(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
+OS_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EACCES: "permission denied",
+             errno.EPERM: "operation not permitted", errno.EADDRINUSE: "the address (port) is already in use",
+             errno.EROFS: "read-only file system", errno.EDQUOT: "disk quota exceeded"}
+
+
+def os_error_message(e: OSError) -> str:
+    """One line for an expected system failure (disk full, port in use, permission denied...)."""
+    what = OS_ERRORS.get(e.errno)
+    where = f": {e.filename}" if e.filename else ""
+    if what:
+        return f"{what}{where}"
+    return error_message(e)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (UsageError, ValueError, CacheError, DatasetError, ConnectionError) as e:
         print(f"actserve: error: {error_message(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, port in use, permission denied, storage unreachable
+        print(f"actserve: error: {os_error_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("actserve: interrupted", file=sys.stderr)

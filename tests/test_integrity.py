@@ -125,3 +125,18 @@ def test_manifest_bytes_do_not_depend_on_stats_insertion_order(pristine):
         reordered.stats[hook].CopyFrom(manifest.stats[hook])
     assert manifest_to_json(reordered) == manifest_to_json(manifest)
     assert list(json.loads(manifest_to_json(reordered))["stats"]) == sorted(manifest.stats)
+
+
+def test_cli_turns_os_errors_into_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+
+    from actserve.services import verify
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "x"))
+
+    monkeypatch.setattr(verify, "verify_cache", disk_full)
+    assert cli_main(["cache", "verify", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"actserve: error: no space left on the device: {tmp_path / 'x'}\n"
