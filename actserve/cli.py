@@ -403,7 +403,7 @@ OS_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EACCES: "permiss
 def os_error_message(e: OSError) -> str:
     """One line for an expected system failure (disk full, port in use, permission denied...)."""
     what = OS_ERRORS.get(e.errno)
-    where = f": {e.filename}" if e.filename else ""
+    where = f": {e.filename}" if e.filename else f": {e.strerror}" if e.strerror else ""
     if what:
         return f"{what}{where}"
     return error_message(e)

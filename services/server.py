@@ -11,6 +11,7 @@ locations of the endpoint that get_flight_info returns.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hmac
 import logging
 import os
@@ -94,7 +95,11 @@ class ActivationServer(flight.FlightServerBase):
             with open(options.tls_cert, "rb") as cert, open(options.tls_key, "rb") as key:
                 tls = [flight.CertKeyPair(cert=cert.read(), key=key.read())]
         port = options.port if port is None else port
-        super().__init__(f"{options.scheme}://{options.host}:{port}", tls_certificates=tls, middleware=middleware)
+        try:
+            super().__init__(f"{options.scheme}://{options.host}:{port}", tls_certificates=tls, middleware=middleware)
+        except pa.ArrowException as e:  # gRPC says only "did not start properly"; a taken port is the usual cause
+            raise OSError(errno.EADDRINUSE, f"cannot listen on {options.host}:{port} (port in use or address not "
+                          f"bindable: {e})") from e
         host = options.host if options.host not in ("0.0.0.0", "::") else os.uname().nodename
         self.location = f"{options.scheme}://{host}:{self.port}"
         self.locations = [self.location, *options.peers]  # the replicas get_flight_info lists
