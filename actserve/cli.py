@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import os
 import sys
@@ -97,6 +98,19 @@ def cmd_cache_info(args) -> int:
     if manifest is None:
         raise CacheError(f"no cache at {args.url} (no manifest.json there)")
     print(manifest_to_json(manifest) if args.json else summary(manifest, args.url), end="" if args.json else "\n")
+    return 0
+
+
+def cmd_cache_verify(args) -> int:
+    from actserve.services.verify import verify_cache
+
+    problems = verify_cache(args.url, parse_json_object(args.storage_options, "--storage-options"))
+    for problem in problems:
+        print(f"{args.url}: {problem}")
+    if problems:
+        print(f"actserve: error: {len(problems)} problem(s) in {args.url}", file=sys.stderr)
+        return 2
+    print(f"{args.url}: verified: complete, every shard's size, checksum and pages sound")
     return 0
 
 
@@ -220,6 +234,15 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                    help="size bound of --local-cache-dir (LRU eviction); 0 reads remote shards directly")
     p.add_argument("--max-batch-size", type=int, default=ServeOptions.max_batch_size, help="largest batch_size accepted, tokens")
     p.add_argument("--block-shards", type=int, default=ServeOptions.block_shards, help="default shuffle block, in shards")
+    p.add_argument("--memory-budget-gb", type=float, default=ServeOptions.memory_budget_gb,
+                   help="block memory all streams together may hold; a stream beyond it is refused (RESOURCE_EXHAUSTED)")
+    p.add_argument("--stream-memory-gb", type=float, default=ServeOptions.stream_memory_gb,
+                   help="block memory one stream may hold; a request needing more is refused")
+    p.add_argument("--max-streams", type=int, default=ServeOptions.max_streams, help="concurrent streams allowed")
+    p.add_argument("--stream-idle-timeout", type=float, default=ServeOptions.stream_idle_timeout,
+                   help="seconds a stream may wait for its client to read before the server ends it")
+    p.add_argument("--expose-urls", action="store_true", help="show the caches' storage URLs to clients (list-caches, errors)")
+    p.add_argument("--debug", action="store_true", help="send clients errors' full text (else one line of at most 1000 characters)")
     p.add_argument("--peer", action="append", default=[], metavar="LOCATION",
                    help="grpc:// location of another server of the same caches, listed as a replica (repeatable)")
     p.add_argument("--ray-address", default=None, help="Ray cluster for --servers > 1 (default: $RAY_ADDRESS, else local)")
@@ -234,6 +257,8 @@ def options_from_args(args: argparse.Namespace) -> ServeOptions:
         insecure=args.insecure, tls_cert=args.tls_cert, tls_key=args.tls_key, storage_options=storage_options,
         local_cache_dir=args.local_cache_dir, local_cache_gb=args.local_cache_gb,
         max_batch_size=args.max_batch_size, block_shards=args.block_shards, peers=tuple(args.peer),
+        memory_budget_gb=args.memory_budget_gb, stream_memory_gb=args.stream_memory_gb, max_streams=args.max_streams,
+        stream_idle_timeout=args.stream_idle_timeout, expose_urls=args.expose_urls, debug=args.debug,
         ray_address=args.ray_address,
     )
 
@@ -351,6 +376,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print manifest.json instead")
     p.add_argument("--storage-options", default="{}", help="JSON of fsspec options")
     p.set_defaults(func=cmd_cache_info)
+
+    p = cache.add_parser("verify", help="check every shard of a cache fully",
+                         description="Read every committed shard of the cache at URL: size, whole-file sha256 (when "
+                                     "the manifest records it), every data page's checksum, row count. Prints one "
+                                     "line per problem; exit code 2 when there is any.")
+    p.add_argument("url")
+    p.add_argument("--storage-options", default="{}", help="JSON of fsspec options")
+    p.set_defaults(func=cmd_cache_verify)
     return parser
 
 
@@ -362,12 +395,29 @@ def error_message(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
+OS_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EACCES: "permission denied",
+             errno.EPERM: "operation not permitted", errno.EADDRINUSE: "the address (port) is already in use",
+             errno.EROFS: "read-only file system", errno.EDQUOT: "disk quota exceeded"}
+
+
+def os_error_message(e: OSError) -> str:
+    """One line for an expected system failure (disk full, port in use, permission denied...)."""
+    what = OS_ERRORS.get(e.errno)
+    where = f": {e.filename}" if e.filename else f": {e.strerror}" if e.strerror else ""
+    if what:
+        return f"{what}{where}"
+    return error_message(e)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (UsageError, ValueError, CacheError, DatasetError, ConnectionError) as e:
         print(f"actserve: error: {error_message(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, port in use, permission denied, storage unreachable
+        print(f"actserve: error: {os_error_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("actserve: interrupted", file=sys.stderr)

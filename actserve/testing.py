@@ -78,8 +78,9 @@ class SyntheticCache:
             acts = {h: torch.from_numpy(rng.standard_normal((rows, s.d_model), dtype=np.float32)).to(DTYPES[s.dtype])
                     for h in s.hooks}
             path = shard_path(split, index)
-            num_bytes = write_shard(self.fs, f"{self.root}/{path}", tokens, first, acts, list(s.hooks), s.dtype)
-            target.shards.append(Shard(path=path, num_rows=rows, num_bytes=num_bytes, first_sequence=first,
+            written = write_shard(self.fs, f"{self.root}/{path}", tokens, first, acts, list(s.hooks), s.dtype)
+            target.shards.append(Shard(path=path, num_rows=rows, num_bytes=written.size, sha256=written.sha256,
+                                       first_sequence=first,
                                        num_sequences=s.sequences_per_shard))
             target.num_tokens += rows
             if split == "train":
@@ -103,6 +104,17 @@ class SyntheticCache:
 
 def write_synthetic_cache(url: str, spec: SyntheticSpec = SyntheticSpec(), storage_options: dict | None = None) -> Manifest:
     return SyntheticCache(url, spec, storage_options).finish()
+
+
+def flip_byte(url: str, shard: Shard) -> None:
+    """Flip one byte in the middle of a local shard's file: inside an activation data page (the
+    activation columns are nearly all of a shard's bytes), as a failing disk or copy would."""
+    fs, root = open_url(url)
+    path = f"{root}/{shard.path}"
+    data = bytearray(fs.cat_file(path))
+    data[len(data) // 2] ^= 0xFF
+    with open(path, "r+b") as f:  # in place: same size, so only a checksum can tell
+        f.write(data)
 
 
 def read_split(url: str, manifest: Manifest, split: str, storage_options: dict | None = None) -> dict[str, np.ndarray]:

@@ -127,6 +127,8 @@ class ActivationStream:
         self.locations = [location] if isinstance(location, str) else list(location)
         if not self.locations:
             raise ValueError("give at least one server location (grpc://host:port)")
+        self._given = tuple(self.locations)  # the token goes to these, and to replicas of their scheme
+        self._warned: set[str] = set()
         self._preferred = self.options.consumer_index % len(self.locations)  # spread consumers over replicas
         self._base: StreamRequest | None = None  # the server-resolved request
         self._cache_info = None
@@ -317,9 +319,16 @@ class ActivationStream:
         (endpoint,) = info.endpoints
         if self._base is None:
             self._base = StreamRequest.FromString(endpoint.ticket.ticket)
-        for location in endpoint.locations:  # the server's replicas join the ones we were given
-            if location.uri.decode() not in self.locations:
-                self.locations.append(location.uri.decode())
+        listed = [location.uri.decode() for location in endpoint.locations]
+        accepted, dropped = trusted_replicas(self._given, listed)
+        for location in dropped:
+            if location not in self._warned:
+                self._warned.add(location)
+                warnings.warn(f"actserve: ignoring replica {location} listed by the server: its scheme differs from "
+                              f"{', '.join(self._given)}, so it would get this client's calls (and token)", stacklevel=2)
+        for location in accepted:  # the server's replicas join the ones we were given
+            if location not in self.locations:
+                self.locations.append(location)
         return info
 
     def _unreachable(self, error: Exception) -> StreamUnavailable:
@@ -328,6 +337,21 @@ class ActivationStream:
             f"(last error: {str(error).splitlines()[0]}). Is the server running? Start one with "
             f"`actserve serve --cache <URL of {self.options.cache}> --port <port>` and point the stream at its grpc:// location."
         )
+
+
+def scheme(location: str) -> str:
+    return location.split("://", 1)[0].lower() if "://" in location else ""
+
+
+def trusted_replicas(given, listed) -> tuple[list[str], list[str]]:
+    """(accepted, dropped) of the replicas a server lists. The client sends its calls, bearer token
+    included, only to the locations it was given and to listed replicas of the same scheme as
+    them: never a grpc:// replica of a grpc+tls:// location (nor the other way round). Given
+    locations of several schemes admit only grpc+tls:// replicas."""
+    schemes = {scheme(g) for g in given}
+    allowed = schemes if len(schemes) == 1 else schemes & {"grpc+tls"}
+    accepted = [loc for loc in listed if loc in given or scheme(loc) in allowed]
+    return accepted, [loc for loc in listed if loc not in accepted]
 
 
 def batch_to_tensors(batch: pa.RecordBatch) -> dict[str, torch.Tensor]:

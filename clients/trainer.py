@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from actserve.clients.out_lock import hold_out_lock
 from actserve.clients.stream import ActivationStream
 from actserve.clients.train_options import TrainOptions, grid_points
 from actserve.sae import SAEConfig, StreamingMetrics, TrainConfig, Trainer, build_sae, sae_files
@@ -83,6 +84,7 @@ def train(opts: TrainOptions, source, d_in: int, stats, model_name: str = "", co
     with state_dict() / load_state_dict() (an ActivationStream, or actserve.testing.TensorBatches)."""
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
+    out_lock = hold_out_lock(out)  # noqa: F841 - one trainer per --out, held until train() returns
     torch.manual_seed(opts.seed)
     grid = run_grid(opts, d_in, stats, model_name, context_size)
     runs = [Run(name, Trainer(build_sae(sae_cfg, seed=opts.seed).to(opts.device), train_cfg),

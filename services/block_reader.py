@@ -8,14 +8,13 @@ rows in C++ (both release the GIL), so one server process serves many streams.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
-
 import numpy as np
 import pyarrow as pa
 
+from actserve.services.admission import StreamEnded
 from actserve.services.manifest import split_complete
 from actserve.services.shard_format import META_COLUMNS, decode_activations, encode_activations
 from actserve.services.shuffle import Block, epoch_blocks, locate, row_indices
@@ -26,12 +25,17 @@ FOLLOW_POLL = (0.05, 2.0)  # seconds: first and longest wait between manifest po
 CANCEL_CHECK = 1.0  # seconds between checks that the client of a waiting stream is still there
 
 
-@dataclass(frozen=True)
 class BlockRows:
-    """This consumer's rows of one block: the block's table and the order to send its rows in."""
-    table: pa.Table
-    order: np.ndarray
-    plan: StreamPlan
+    """This consumer's rows of one block: the block's table and the order to send its rows in.
+    `release` drops the table (the server ending the stream frees its memory at once)."""
+
+    def __init__(self, table: pa.Table, order: np.ndarray, plan: StreamPlan):
+        self.table: pa.Table | None = table
+        self.order, self.plan = order, plan
+        self.released: str | None = None
+
+    def release(self, reason: str) -> None:
+        self.table, self.released = None, reason
 
     def __len__(self) -> int:
         return len(self.order)
@@ -39,7 +43,10 @@ class BlockRows:
     def batch(self, start: int, stop: int) -> pa.RecordBatch:
         """Rows order[start:stop], gathered by `take` in C++. A batch at a time, not the whole block
         at once: the allocator then reuses the memory of batches already sent (fewer page faults)."""
-        (batch,) = self.table.take(self.order[start:stop]).to_batches()
+        table = self.table
+        if table is None:
+            raise StreamEnded(self.released)
+        (batch,) = table.take(self.order[start:stop]).to_batches()
         plan = self.plan
         columns = batch.columns
         if plan.request.dtype != plan.cache_dtype:  # the server converts to float32
@@ -49,16 +56,18 @@ class BlockRows:
         return pa.RecordBatch.from_arrays(columns, schema=plan.schema)
 
 
-def stream_blocks(source: CacheSource, plan: StreamPlan, context) -> Iterator[BlockRows]:
+def stream_blocks(source: CacheSource, plan: StreamPlan, context,
+                  hold: Callable[[BlockRows], BlockRows] = lambda block: block) -> Iterator[BlockRows]:
     """This consumer's rows of each block from the cursor on; the next block is read on the
-    stream's reader thread while this one is sent."""
+    stream's reader thread while this one is sent. `hold` sees every block read (the stream's
+    lease, which can release them)."""
     stop = threading.Event()
     todo = pending_blocks(source, plan, stop)
     reader = ThreadPoolExecutor(1, thread_name_prefix="actserve-read")
 
     def read_next():
         item = next(todo, None)
-        return None if item is None else read_block(source, plan, *item)
+        return None if item is None else hold(read_block(source, plan, *item))
 
     try:
         future = reader.submit(read_next)

@@ -70,6 +70,12 @@ class BuildOptions:
                 raise ValueError(message)
 
 
+def model_reference(model: str) -> str:
+    """What the manifest records as the model: a local directory as an absolute path (so `eval`
+    run from anywhere finds it), a TransformerLens name as given."""
+    return os.path.abspath(model) if os.path.isdir(model) else model
+
+
 def start_model_hosts(opts: BuildOptions) -> list:
     # The driver may run on a CPU-only head node: ask the cluster, not this process, for GPUs.
     gpu = opts.device == "cuda" or (opts.device is None and ray.cluster_resources().get("GPU", 0) > 0)
@@ -98,7 +104,7 @@ def build_cache(opts: BuildOptions, progress: bool = True, ray_address: str | No
             raise ValueError(f"--context-size {opts.context_size} exceeds the model's n_ctx {info['n_ctx']}")
         hooks = ray.get(hosts[0].resolve_hooks.remote(opts.hooks))
         config = BuildConfig(
-            model=opts.model, dataset=opts.dataset, dataset_split=opts.dataset_split,
+            model=model_reference(opts.model), dataset=opts.dataset, dataset_split=opts.dataset_split,
             text_column=opts.text_column, token_column=opts.token_column,
             context_size=opts.context_size, prepend_bos=opts.prepend_bos, hooks=hooks, dtype=opts.dtype,
             train_tokens=opts.tokens, eval_tokens=opts.eval_tokens,
@@ -221,7 +227,7 @@ def commit_shard(fs, root: str, manifest: Manifest, split: str, result: dict) ->
     s = getattr(manifest, split)
     s.shards.append(Shard(
         path=result["path"], num_rows=result["num_rows"], num_bytes=result["num_bytes"],
-        first_sequence=result["first_sequence"], num_sequences=result["num_sequences"],
+        sha256=result["sha256"], first_sequence=result["first_sequence"], num_sequences=result["num_sequences"],
     ))
     s.num_tokens += result["num_rows"]
     if split == "train":

@@ -4,6 +4,9 @@ builder wrote but never committed (it died first) is never read, and the next bu
 """
 from __future__ import annotations
 
+import json
+import posixpath
+
 import fsspec
 import numpy as np
 from google.protobuf import json_format
@@ -18,7 +21,21 @@ SPLITS = ("train", "eval")
 
 
 def manifest_to_json(manifest: Manifest) -> str:
-    return json_format.MessageToJson(manifest, preserving_proto_field_name=True, indent=1) + "\n"
+    """The manifest's JSON, the same bytes for the same content: fields in proto order, the `stats`
+    map by hook name (protobuf map order depends on insertion history, e.g. a resumed build)."""
+    fields = json_format.MessageToDict(manifest, preserving_proto_field_name=True)
+    if "stats" in fields:
+        fields["stats"] = dict(sorted(fields["stats"].items()))
+    return json.dumps(fields, indent=1, ensure_ascii=False) + "\n"
+
+
+def check_shard_path(path: str, where: str) -> None:
+    """A shard path must name a file inside the cache root: relative, normalised, no `..`."""
+    inside = (bool(path) and not path.startswith("/") and "\\" not in path and ":" not in path
+              and posixpath.normpath(path) == path and ".." not in path.split("/"))
+    if not inside:
+        raise CacheError(f"{where} is invalid: shard path {path!r} is not a normalised relative path inside "
+                         "the cache root")
 
 
 def read_manifest(url: str, storage_options: dict | None = None) -> Manifest | None:
@@ -41,6 +58,9 @@ def read_manifest(url: str, storage_options: dict | None = None) -> Manifest | N
         raise CacheError(
             f"{url} has cache format {manifest.format_version}; this actserve reads {FORMAT_VERSION}"
         )
+    for name in SPLITS:
+        for shard in getattr(manifest, name).shards:
+            check_shard_path(shard.path, f"{url}/{MANIFEST_NAME}")
     return manifest
 
 
@@ -100,5 +120,6 @@ def summary(manifest: Manifest, url: str) -> str:
         )
     for hook, st in manifest.stats.items():
         lines.append(f"  {hook:<32} mean |x| {st.mean_norm:9.3f}   mean |x|^2 {st.mean_sq_norm:11.3f}")
-    lines.append("status       " + ("complete" if manifest.complete else "incomplete (build still running or interrupted)"))
+    lines.append("status       " + ("complete (not verified: run actserve cache verify)" if manifest.complete
+                                  else "incomplete (build still running or interrupted)"))
     return "\n".join(lines)

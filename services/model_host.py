@@ -94,6 +94,6 @@ class ModelHost:
         """Compute and write one shard (not yet committed: the builder lists it in the manifest)."""
         acts, sums = self.activations(tokens, hooks, dtype, batch_sequences, skip_bos)
         fs, root = open_url(url, storage_options)
-        num_bytes = write_shard(fs, f"{root}/{path}", tokens, first_sequence, acts, hooks, dtype)
-        return {"path": path, "num_rows": tokens.size, "num_bytes": num_bytes,
+        written = write_shard(fs, f"{root}/{path}", tokens, first_sequence, acts, hooks, dtype)
+        return {"path": path, "num_rows": tokens.size, "num_bytes": written.size, "sha256": written.sha256,
                 "first_sequence": first_sequence, "num_sequences": len(tokens), "sums": sums}

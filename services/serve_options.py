@@ -48,6 +48,13 @@ class ServeOptions:
     block_shards: int = 4              # default shuffle block, in shards
     max_block_shards: int = 64
     peers: tuple[str, ...] = ()        # more grpc:// locations serving the same caches
+    # Resource bounds (defaults fit a 24 GB machine next to its page cache and other work):
+    memory_budget_gb: float = 8.0      # block memory of all streams together
+    stream_memory_gb: float = 1.0      # block memory of one stream (stream_plan.block_memory)
+    max_streams: int = 64              # concurrent streams
+    stream_idle_timeout: float = 300.0 # seconds a stream may wait for its client to read
+    expose_urls: bool = False          # list-caches and errors show the caches' storage URLs
+    debug: bool = False                # errors sent to clients keep their full text
     ray_address: str | None = None
 
     def __post_init__(self):
@@ -60,6 +67,11 @@ class ServeOptions:
             (bool(self.tls_cert) == bool(self.tls_key), "--tls-cert and --tls-key go together"),
             (self.local_cache_gb >= 0, f"--local-cache-gb must be >= 0, got {self.local_cache_gb}"),
             (self.max_batch_size >= 1, f"max_batch_size must be >= 1, got {self.max_batch_size}"),
+            (self.memory_budget_gb > 0, f"--memory-budget-gb must be > 0, got {self.memory_budget_gb}"),
+            (0 < self.stream_memory_gb <= self.memory_budget_gb,
+             f"--stream-memory-gb must be in (0, --memory-budget-gb {self.memory_budget_gb}], got {self.stream_memory_gb}"),
+            (self.max_streams >= 1, f"--max-streams must be >= 1, got {self.max_streams}"),
+            (self.stream_idle_timeout > 0, f"--stream-idle-timeout must be > 0, got {self.stream_idle_timeout}"),
             (1 <= self.block_shards <= self.max_block_shards,
              f"block_shards must be in 1..{self.max_block_shards}, got {self.block_shards}"),
         ]

@@ -11,7 +11,9 @@ locations of the endpoint that get_flight_info returns.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hmac
+import logging
 import os
 import threading
 import time
@@ -22,7 +24,8 @@ import pyarrow.flight as flight
 from google.protobuf.message import DecodeError
 
 from actserve import __version__
-from actserve.proto.stream_pb2 import CacheList, HealthResult, ListCachesRequest, ServerStats
+from actserve.proto.stream_pb2 import CacheList, HealthResult, ListCachesRequest, ServerStats, UnavailableCache
+from actserve.services.admission import Admission, StreamEnded, StreamLease
 from actserve.services.block_reader import cut_batches, stream_blocks
 from actserve.services.serve_options import ServeOptions, parse_cache_spec
 from actserve.services.shard_cache import ShardCache
@@ -31,6 +34,9 @@ from actserve.services.storage import CacheError
 from actserve.services.stream_plan import StreamLimits, StreamPlan, decode_request, plan_stream
 
 VERSION = f"actserve {__version__}"
+log = logging.getLogger(__name__)
+MAX_ERROR_CHARS = 1000  # of an error's text sent to a client (gRPC metadata is bounded); --debug sends it all
+GB = 10**9
 
 
 class StreamStats:
@@ -89,7 +95,11 @@ class ActivationServer(flight.FlightServerBase):
             with open(options.tls_cert, "rb") as cert, open(options.tls_key, "rb") as key:
                 tls = [flight.CertKeyPair(cert=cert.read(), key=key.read())]
         port = options.port if port is None else port
-        super().__init__(f"{options.scheme}://{options.host}:{port}", tls_certificates=tls, middleware=middleware)
+        try:
+            super().__init__(f"{options.scheme}://{options.host}:{port}", tls_certificates=tls, middleware=middleware)
+        except pa.ArrowException as e:  # gRPC says only "did not start properly"; a taken port is the usual cause
+            raise OSError(errno.EADDRINUSE, f"cannot listen on {options.host}:{port} (port in use or address not "
+                          f"bindable: {e})") from e
         host = options.host if options.host not in ("0.0.0.0", "::") else os.uname().nodename
         self.location = f"{options.scheme}://{host}:{self.port}"
         self.locations = [self.location, *options.peers]  # the replicas get_flight_info lists
@@ -97,19 +107,48 @@ class ActivationServer(flight.FlightServerBase):
         if options.local_cache_gb > 0:
             shard_cache = ShardCache(options.local_cache_dir, int(options.local_cache_gb * 1e9))
         self.shard_cache = shard_cache
+        self.urls = {name: url for name, url in map(parse_cache_spec, options.caches)}
         self.caches: dict[str, CacheSource] = {}
-        for spec in options.caches:
-            name, url = parse_cache_spec(spec)
-            self.caches[name] = CacheSource(name, url, options.storage_options, shard_cache)
-        self.limits = StreamLimits(options.max_batch_size, options.block_shards, options.max_block_shards)
+        self.unavailable: dict[str, str] = {}  # cache name -> why it could not be opened
+        for name, url in self.urls.items():
+            try:
+                self.caches[name] = CacheSource(name, url, options.storage_options, shard_cache)
+            except (CacheError, OSError, ValueError) as e:  # serve the others; health and list-caches say why
+                self.unavailable[name] = self.client_text(e)
+        if not self.caches:
+            raise CacheError("no cache could be opened: " + "; ".join(f"{n}: {why}" for n, why in self.unavailable.items()))
+        self.limits = StreamLimits(options.max_batch_size, options.block_shards, options.max_block_shards,
+                                   int(options.stream_memory_gb * GB))
+        self.admission = Admission(int(options.memory_budget_gb * GB), options.max_streams, options.stream_idle_timeout)
         self.stats = StreamStats()
         self.started_at = time.time()
+
+    def shutdown(self):
+        self.admission.close()
+        super().shutdown()
+
+    def client_text(self, error: BaseException) -> str:
+        """What a client may see of an error: one line of at most MAX_ERROR_CHARS, the caches'
+        storage URLs replaced by their names unless --expose-urls (all of it with --debug)."""
+        text = str(error)
+        if not self.options.expose_urls:
+            for name, url in sorted(self.urls.items(), key=lambda item: -len(item[1])):
+                text = text.replace(url, f"<cache {name}>")
+        if self.options.debug:
+            return text
+        text = " ".join(text.split())
+        return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS - 3] + "..."
+
+    def unavailable_caches(self) -> list[UnavailableCache]:
+        return [UnavailableCache(name=n, error=why) for n, why in self.unavailable.items()]
 
     def find_cache(self, name_or_url: str) -> CacheSource:
         for source in self.caches.values():
             if name_or_url in (source.name, source.url):
                 return source
-        served = ", ".join(f"{s.name} ({s.url})" for s in self.caches.values())
+        if name_or_url in self.unavailable:
+            raise ValueError(f"cache {name_or_url} is unavailable on this server: {self.unavailable[name_or_url]}")
+        served = ", ".join(s.name if not self.options.expose_urls else f"{s.name} ({s.url})" for s in self.caches.values())
         raise ValueError(f"unknown cache {name_or_url!r}; this server serves: {served}")
 
     def plan(self, raw: bytes) -> tuple[CacheSource, StreamPlan]:
@@ -120,7 +159,7 @@ class ActivationServer(flight.FlightServerBase):
     # -- Flight methods --
 
     def get_flight_info(self, context, descriptor):
-        with flight_errors():
+        with self.flight_errors():
             _, plan = self.plan(descriptor.command or b"")
         endpoint = flight.FlightEndpoint(plan.request.SerializeToString(), self.locations)
         rows = -1 if plan.consumer_rows is None else plan.consumer_rows - plan.request.start
@@ -128,9 +167,10 @@ class ActivationServer(flight.FlightServerBase):
                                  total_bytes=-1 if rows < 0 else rows * plan.row_bytes, ordered=True)
 
     def do_get(self, context, ticket):
-        with flight_errors():
+        with self.flight_errors():
             source, plan = self.plan(ticket.ticket)
-        return flight.GeneratorStream(plan.schema, self.counted(source, plan, context))
+            lease = self.admission.admit(plan.memory_bytes)
+        return flight.GeneratorStream(plan.schema, self.counted(source, plan, context, lease))
 
     def list_actions(self, context):
         return [
@@ -140,22 +180,27 @@ class ActivationServer(flight.FlightServerBase):
         ]
 
     def do_action(self, context, action):
-        kind, body = action.type, action.body.to_pybytes() if action.body else b""
+        with self.flight_errors():
+            return [self.action_result(action.type, action.body.to_pybytes() if action.body else b"").SerializeToString()]
+
+    def action_result(self, kind: str, body: bytes):
         if kind == "health":
-            result = HealthResult(status="ok", version=VERSION, uptime_seconds=time.time() - self.started_at,
-                                  location=self.location)
-        elif kind == "stats":
-            result = self.server_stats()
-        elif kind == "list-caches":
+            return HealthResult(status="ok", version=VERSION, uptime_seconds=time.time() - self.started_at,
+                                location=self.location, unavailable=self.unavailable_caches())
+        if kind == "stats":
+            return self.server_stats()
+        if kind == "list-caches":
             try:
                 wanted = ListCachesRequest.FromString(body).cache
             except DecodeError as e:
                 raise ValueError(f"list-caches body is not a ListCachesRequest: {e}") from e
             sources = [self.find_cache(wanted)] if wanted else list(self.caches.values())
-            result = CacheList(caches=[s.info() for s in sources])
-        else:
-            raise ValueError(f"unknown action {kind!r}; actions: health, stats, list-caches")
-        return [result.SerializeToString()]
+            infos = [s.info() for s in sources]
+            if not self.options.expose_urls:
+                for info in infos:
+                    info.url = ""
+            return CacheList(caches=infos, unavailable=[] if wanted else self.unavailable_caches())
+        raise ValueError(f"unknown action {kind!r}; actions: health, stats, list-caches")
 
     def server_stats(self) -> ServerStats:
         s = self.stats
@@ -163,29 +208,48 @@ class ActivationServer(flight.FlightServerBase):
             counters = dict(streams_started=s.streams_started, streams_active=s.streams_active,
                             streams_completed=s.streams_completed, streams_failed=s.streams_failed,
                             batches=s.batches, tokens=s.tokens, bytes=s.bytes)
+        a = self.admission
+        with a.lock:
+            memory = dict(memory_held_bytes=a.held, memory_peak_bytes=a.peak, streams_refused=a.refused,
+                          streams_timed_out=a.timed_out)
         cache = self.shard_cache
-        return ServerStats(**counters, max_batch_size=self.options.max_batch_size,
+        return ServerStats(**counters, **memory, max_batch_size=self.options.max_batch_size,
                            default_block_shards=self.options.block_shards,
-                           shard_fetches=cache.fetches if cache else 0, shard_cache_hits=cache.hits if cache else 0)
+                           shard_fetches=cache.fetches if cache else 0, shard_cache_hits=cache.hits if cache else 0,
+                           memory_budget_bytes=a.memory_budget, stream_memory_budget_bytes=self.limits.stream_memory_bytes,
+                           max_streams=a.max_streams, stream_idle_timeout_seconds=a.idle_timeout)
 
-    def counted(self, source: CacheSource, plan: StreamPlan, context) -> Iterator[pa.RecordBatch]:
-        """The stream's batches, with the stats kept and failures turned into clear Flight errors."""
+    def counted(self, source: CacheSource, plan: StreamPlan, context, lease: StreamLease) -> Iterator[pa.RecordBatch]:
+        """The stream's batches, with the stats kept, the lease's memory given back at the end and
+        failures turned into clear Flight errors."""
         self.stats.started()
         ok = False
         try:
-            with flight_errors():
-                for batch in cut_batches(stream_blocks(source, plan, context), plan.request.batch_size):
+            with self.flight_errors():
+                for batch in cut_batches(stream_blocks(source, plan, context, lease.hold), plan.request.batch_size):
                     self.stats.sent(batch.num_rows, plan.row_bytes)
+                    lease.yielded()
                     yield batch
+                    lease.resumed()
             ok = True
         finally:
+            lease.end()
             self.stats.ended(ok)
 
-
-@contextlib.contextmanager
-def flight_errors():
-    """A cache that cannot be read (corrupt or missing shard...) fails the call with its message."""
-    try:
-        yield
-    except CacheError as e:
-        raise flight.FlightServerError(str(e)) from e
+    @contextlib.contextmanager
+    def flight_errors(self):
+        """Errors as clients see them: a bad request INVALID_ARGUMENT, a cache that cannot be read
+        (corrupt or missing shard...) or a limit a Flight server error, each with one bounded line
+        (client_text); the traceback stays in this server's log."""
+        try:
+            yield
+        except flight.FlightError:
+            raise
+        except (ResourceWarning, StreamEnded) as e:
+            log.info("%s", e)
+            raise flight.FlightServerError(self.client_text(e)) from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise pa.ArrowInvalid(self.client_text(e)) from None
+        except Exception as e:  # noqa: BLE001 - a corrupt shard (CacheError) or a bug: logged whole, sent as one line
+            log.warning("stream failed", exc_info=True)
+            raise flight.FlightServerError(self.client_text(e)) from None

@@ -49,6 +49,7 @@ class ShardCache:
 
     def read(self, fs: fsspec.AbstractFileSystem, root: str, shard: Shard, columns: list[str]) -> pa.Table:
         """The shard's columns, from the local copy (fetched first if needed)."""
+        self._check_inside(shard)
         remote = f"{root}/{shard.path}"
         try:
             info = fs.info(remote)
@@ -81,6 +82,13 @@ class ShardCache:
             f"read, {READ_ATTEMPTS} times: the cache ({self.max_bytes / 1e9:.1f} GB) is too small for the "
             "blocks being served"
         )
+
+    def _check_inside(self, shard: Shard) -> None:
+        """An entry's files stay under its directory, whatever path a Shard carries."""
+        probe = os.path.join(self.directory, "entry")
+        local = os.path.normpath(os.path.join(probe, shard.path))
+        if os.path.isabs(shard.path) or os.path.commonpath([probe, local]) != probe or local == probe:
+            raise CacheError(f"shard path {shard.path!r} would leave the local shard cache {self.directory}")
 
     def _read_local(self, entry: str, local: str, shard: Shard, columns: list[str]) -> pa.Table:
         try:

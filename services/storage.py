@@ -10,9 +10,11 @@ A file becomes visible in one step, so a reader sees the old file (or none) or t
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import uuid
 from collections.abc import Callable
+from typing import NamedTuple
 
 import fsspec
 import pyarrow as pa
@@ -35,10 +37,29 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
 LOCAL_FS = fsspec.filesystem("file")
 
 
-def atomic_write(fs: fsspec.AbstractFileSystem, path: str, write: Callable) -> int:
+class Written(NamedTuple):
+    """What `atomic_write` wrote: the file's size and, when asked for, its sha256 (hex; else "")."""
+    size: int
+    sha256: str = ""
+
+
+HASH_CHUNK = 8 << 20
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def atomic_write(fs: fsspec.AbstractFileSystem, path: str, write: Callable, checksum: bool = False) -> Written:
     """Create `path` so that readers see either no file (or the old one) or the whole new one, and
-    return its size. `write(target)` writes the content to `target`: a local path (a temporary
-    name, fsynced and renamed) or, for object stores, an Arrow buffer then sent in one PUT."""
+    return its size (and its sha256 when `checksum`, of exactly the bytes published: the temporary
+    file before the rename, or the buffer sent). `write(target)` writes the content to `target`: a
+    local path (a temporary name, fsynced and renamed) or, for object stores, an Arrow buffer then
+    sent in one PUT."""
     if is_local(fs):
         directory = os.path.dirname(path) or "."
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"  # unique: concurrent writers never share one
@@ -46,17 +67,18 @@ def atomic_write(fs: fsspec.AbstractFileSystem, path: str, write: Callable) -> i
         try:
             write(tmp)
             fsync(tmp)  # the data is on disk before any manifest can name it
+            written = Written(os.path.getsize(tmp), file_sha256(tmp) if checksum else "")
             os.replace(tmp, path)
             fsync(directory)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)
-        return os.path.getsize(path)
+        return written
     sink = pa.BufferOutputStream()
     write(sink)
-    data = sink.getvalue().to_pybytes()
-    fs.pipe_file(path, data)  # one PUT (or one completed multipart upload): atomic
-    return len(data)
+    buffer = sink.getvalue()
+    fs.pipe_file(path, buffer.to_pybytes())  # one PUT (or one completed multipart upload): atomic
+    return Written(buffer.size, hashlib.sha256(memoryview(buffer)).hexdigest() if checksum else "")
 
 
 def fsync(path: str) -> None:

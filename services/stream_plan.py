@@ -11,7 +11,7 @@ from google.protobuf.message import DecodeError
 from actserve.proto.manifest_pb2 import Manifest
 from actserve.proto.stream_pb2 import StreamRequest
 from actserve.services.manifest import SPLITS, split_complete
-from actserve.services.shard_format import META_COLUMNS, shard_schema
+from actserve.services.shard_format import META_COLUMNS, bytes_per_value, shard_schema
 from actserve.services.shuffle import Order, consumer_rows, epoch_blocks
 
 MODES = {StreamRequest.SHUFFLED_TOKENS: "SHUFFLED_TOKENS", StreamRequest.SEQUENCES: "SEQUENCES"}
@@ -23,6 +23,7 @@ class StreamLimits:
     max_batch_size: int        # tokens
     block_shards: int          # default shuffle block, in shards
     max_block_shards: int
+    stream_memory_bytes: int   # the most one stream's blocks may hold (StreamPlan.memory_bytes)
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,22 @@ class StreamPlan:
     d_model: int
     row_bytes: int             # bytes of one sent row
     consumer_rows: int | None  # rows of this consumer's epoch; None while a followed cache grows
+    memory_bytes: int          # server memory the stream's blocks take at most (block_memory)
+
+
+# Blocks a stream's memory holds at once: the one being sent, the next one (read ahead), and the
+# next one's shard tables while they are concatenated into its single table.
+BLOCKS_HELD = 3
+
+
+def block_memory(manifest: Manifest, split_name: str, hooks: list[str], include_meta: bool, block_shards: int) -> int:
+    """Bytes of the requested columns (in the cache's dtype) in BLOCKS_HELD blocks of the split's
+    largest shards; a split still being built counts its planned shard size too."""
+    config = manifest.config
+    shard_rows = max([s.num_rows for s in getattr(manifest, split_name).shards]
+                     + [config.sequences_per_shard * config.context_size])
+    row_bytes = len(hooks) * manifest.d_model * bytes_per_value(config.dtype) + (16 if include_meta else 0)
+    return BLOCKS_HELD * block_shards * shard_rows * row_bytes
 
 
 def decode_request(raw: bytes) -> StreamRequest:
@@ -67,6 +84,12 @@ def plan_stream(request: StreamRequest, manifest: Manifest, cache_name: str, lim
     block_shards = request.block_shards or limits.block_shards
     if block_shards > limits.max_block_shards:
         raise ValueError(f"block_shards {block_shards} exceeds this server's limit of {limits.max_block_shards}")
+    memory = block_memory(manifest, split_name, hooks, request.include_meta, block_shards)
+    if memory > limits.stream_memory_bytes:
+        raise ValueError(
+            f"block_shards {block_shards} with {len(hooks)} hooks needs {memory / 1e6:,.1f} MB of server memory "
+            f"({BLOCKS_HELD} blocks held), over this server's per-stream limit of {limits.stream_memory_bytes / 1e6:,.1f} MB "
+            "(--stream-memory-gb): ask for fewer block_shards or hooks")
     if not 1 <= request.batch_size <= limits.max_batch_size:
         raise ValueError(f"batch_size must be in 1..{limits.max_batch_size} tokens, got {request.batch_size}")
     if request.dtype not in ("", config.dtype, "float32"):
@@ -103,4 +126,4 @@ def plan_stream(request: StreamRequest, manifest: Manifest, cache_name: str, lim
     resolved.ClearField("hooks")
     resolved.hooks.extend(hooks)
     row_bytes = sum(f.type.byte_width for f in schema)
-    return StreamPlan(resolved, order, schema, config.dtype, manifest.d_model, row_bytes, rows)
+    return StreamPlan(resolved, order, schema, config.dtype, manifest.d_model, row_bytes, rows, memory)

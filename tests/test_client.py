@@ -213,3 +213,13 @@ def test_token_on_the_client(cache):
 def test_bad_client_options(options, message):
     with pytest.raises(ValueError, match=message):
         ActivationStream("grpc://127.0.0.1:1", cache="tiny", **options)
+
+
+def test_token_goes_only_to_replicas_of_the_given_scheme():
+    from actserve.clients.stream import trusted_replicas
+
+    tls, plain = "grpc+tls://a:1", "grpc://a:1"
+    assert trusted_replicas([tls], [tls, "grpc+tls://b:2", "grpc://b:2"]) == ([tls, "grpc+tls://b:2"], ["grpc://b:2"])
+    assert trusted_replicas([plain], [plain, "grpc://b:2", "grpc+tls://b:2"]) == ([plain, "grpc://b:2"], ["grpc+tls://b:2"])
+    assert trusted_replicas([tls, plain], ["grpc://c:3", "grpc+tls://c:3"]) == (["grpc+tls://c:3"], ["grpc://c:3"])
+    assert trusted_replicas([tls], ["unix:///tmp/s", "http://evil:80"]) == ([], ["unix:///tmp/s", "http://evil:80"])

@@ -133,14 +133,16 @@ def test_actions(server, cache):
     assert health.status == "ok" and health.location == server.location
     caches = CacheList.FromString(action(server.location, "list-caches"))
     (info,) = caches.caches
-    assert info.name == "tiny" and info.url == cache[0] and info.manifest == cache[1]
-    assert set(info.manifest.stats) == set(SPEC.hooks)
+    assert info.name == "tiny" and info.url == "" and info.manifest == cache[1]  # URLs only with --expose-urls
+    assert set(info.manifest.stats) == set(SPEC.hooks) and not caches.unavailable and not health.unavailable
     before = ServerStats.FromString(action(server.location, "stats"))
     read_table(server.location, request())
     after = ServerStats.FromString(action(server.location, "stats"))
     assert after.streams_completed - before.streams_completed == 1 and after.streams_active == 0
     assert after.tokens - before.tokens == 768 and after.bytes - before.bytes == 768 * 2 * 16 * 2  # 2 float16 hooks
     assert after.batches - before.batches == 8 and after.max_batch_size == 65536
+    assert after.memory_held_bytes == 0 and 0 < after.memory_peak_bytes <= after.memory_budget_bytes == 8 * 10**9
+    assert after.stream_memory_budget_bytes == 10**9 and after.max_streams == 64
     with pytest.raises(pa.ArrowException, match="unknown action"):
         action(server.location, "reboot")
 
@@ -149,7 +151,7 @@ def test_actions(server, cache):
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"cache": "nope"}, r"unknown cache 'nope'; this server serves: tiny \("),
+    ({"cache": "nope"}, r"unknown cache 'nope'; this server serves: tiny\."),  # its URL only with --expose-urls
     ({"cache": ""}, "cache is empty"),
     ({"hooks": ["blocks.9.hook_x"]}, "blocks.9.hook_x.*its hooks: blocks.0.hook_resid_pre, blocks.1.hook_resid_pre"),
     ({"hooks": [HOOK, HOOK]}, "repeated"),

@@ -1,0 +1,108 @@
+"""A server's resource bounds against real Flight clients on 127.0.0.1: memory budgets, the
+stream limit, the idle timeout, bounded error messages, caches that cannot be opened."""
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.flight as flight
+import pytest
+
+from actserve.proto.stream_pb2 import CacheList, HealthResult, ServerStats, StreamRequest
+from actserve.services.stream_plan import BLOCKS_HELD
+from actserve.testing import SyntheticSpec, write_synthetic_cache
+from streamkit import running_server, wait_until
+
+# 8 shards of 32 sequences x 16 tokens, 2 float32 hooks of d_model 256: 1 MiB of activations a shard
+SPEC = SyntheticSpec(d_model=256, context_size=16, sequences_per_shard=32, train_shards=8, eval_shards=1,
+                     dtype="float32")
+SHARD_BYTES = 32 * 16 * 2 * 256 * 4
+MB = 10**6
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    url = str(tmp_path_factory.mktemp("limits") / "tiny")
+    write_synthetic_cache(url, SPEC)
+    return url
+
+
+def ticket(**fields) -> flight.Ticket:
+    return flight.Ticket(StreamRequest(**{"cache": "tiny", "batch_size": 64, "block_shards": 1, **fields}).SerializeToString())
+
+
+def stats(location: str) -> ServerStats:
+    (result,) = flight.connect(location).do_action(flight.Action("stats", b""))
+    return ServerStats.FromString(result.body.to_pybytes())
+
+
+def test_stalled_streams_stay_within_the_memory_budget(cache):
+    budget_gb = 10 * BLOCKS_HELD * SHARD_BYTES / 1e9  # room for 10 streams of 1-shard blocks
+    with running_server([cache], memory_budget_gb=budget_gb, stream_memory_gb=budget_gb) as server:
+        client = flight.connect(server.location)
+        readers, refused = [], []
+        for _ in range(32):  # opened, never read
+            try:
+                readers.append(client.do_get(ticket()))
+            except flight.FlightServerError as e:
+                refused.append(str(e))
+        wait_until(lambda: stats(server.location).streams_active + len(refused) >= 10, what="streams admitted")
+        s = stats(server.location)
+        assert s.memory_held_bytes <= s.memory_peak_bytes <= s.memory_budget_bytes == int(budget_gb * 1e9)
+        assert s.streams_active <= 10 and s.streams_refused >= 22
+        for reader in readers[10:]:  # the refused ones fail on first read, naming the limit
+            with pytest.raises(flight.FlightServerError, match="RESOURCE_EXHAUSTED: .*--memory-budget-gb"):
+                reader.read_all()
+        del readers
+        wait_until(lambda: stats(server.location).memory_held_bytes == 0, what="memory given back")
+
+
+def test_largest_block_is_refused_up_front(cache):
+    with running_server([cache], stream_memory_gb=0.01) as server:
+        with pytest.raises(pa.ArrowInvalid, match=r"block_shards 8 with 2 hooks needs .* over this server's "
+                                                  r"per-stream limit of 10.0 MB \(--stream-memory-gb\)"):
+            flight.connect(server.location).do_get(ticket(block_shards=8)).read_all()
+        assert flight.connect(server.location).do_get(ticket(hooks=[SPEC.hooks[0]])).read_all().num_rows > 0
+
+
+def test_stream_limit(cache):
+    with running_server([cache], max_streams=2) as server:
+        client = flight.connect(server.location)
+        held = [client.do_get(ticket()) for _ in range(2)]
+        wait_until(lambda: stats(server.location).streams_active == 2, what="two streams")
+        with pytest.raises(flight.FlightServerError, match=r"RESOURCE_EXHAUSTED: .*its limit \(--max-streams 2\)"):
+            client.do_get(ticket()).read_all()
+        del held
+
+
+def test_stalled_stream_is_ended_after_its_idle_timeout(cache):
+    with running_server([cache], stream_idle_timeout=0.2) as server:
+        reader = flight.connect(server.location).do_get(ticket())
+        reader.read_chunk()
+        wait_until(lambda: stats(server.location).streams_timed_out == 1, what="the idle timeout")
+        assert stats(server.location).memory_held_bytes == 0
+        with pytest.raises(flight.FlightServerError, match=r"read nothing for 0.2 s \(--stream-idle-timeout\)"):
+            while True:
+                reader.read_chunk()
+
+
+def test_a_huge_hooks_list_gets_a_short_error(cache):
+    with running_server([cache]) as server:
+        hooks = [f"blocks.{i}.hook_resid_pre" for i in range(10_000)]
+        with pytest.raises(pa.ArrowInvalid) as failure:
+            flight.connect(server.location).do_get(ticket(hooks=hooks)).read_all()
+        text = str(failure.value)
+        assert "unknown or repeated hooks" in text and "..." in text and "metadata size" not in text
+        assert len(text) < 6000
+
+
+def test_caches_that_cannot_be_opened_are_reported(cache, tmp_path):
+    missing = str(tmp_path / "missing")
+    with running_server([cache, f"gone={missing}"]) as server:
+        (result,) = flight.connect(server.location).do_action(flight.Action("health", b""))
+        (gone,) = HealthResult.FromString(result.body.to_pybytes()).unavailable
+        assert gone.name == "gone" and "no cache at <cache gone>" in gone.error and missing not in gone.error
+        (result,) = flight.connect(server.location).do_action(flight.Action("list-caches", b""))
+        listed = CacheList.FromString(result.body.to_pybytes())
+        assert [c.name for c in listed.caches] == ["tiny"] and [u.name for u in listed.unavailable] == ["gone"]
+    with running_server([cache], expose_urls=True) as server:
+        (result,) = flight.connect(server.location).do_action(flight.Action("list-caches", b""))
+        assert CacheList.FromString(result.body.to_pybytes()).caches[0].url == cache
