@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 from sae_lens.saes.sae import SAEMetadata
 
-from sae import SAEConfig, TrainConfig, build_sae, load_log10_feature_density, load_sae
+from sae import SAEConfig, TrainConfig, build_sae, load_log10_feature_density, load_sae, save_sae
 
 SETTINGS = {
     "standard": dict(l1_coefficient=0.01, use_ghost_grads=True),
@@ -40,7 +40,7 @@ def activations(n=200):
 @pytest.mark.parametrize("architecture", ["standard", "gated", "topk"])
 def test_saelens_loads_our_files_with_the_same_activations(tmp_path, architecture):
     ours = trained_looking_sae(architecture)
-    ours.save(tmp_path)
+    save_sae(ours, tmp_path)
     theirs = sae_lens.SAE.load_from_disk(tmp_path)
     assert theirs.cfg.architecture() == architecture
     assert theirs.cfg.metadata.hook_name == "blocks.3.hook_resid_post"
@@ -59,7 +59,7 @@ def test_saelens_loads_our_files_with_the_same_activations(tmp_path, architectur
 def test_our_files_load_back_identically(tmp_path, architecture):
     ours = trained_looking_sae(architecture)
     density = torch.linspace(-10, -1, 96)
-    ours.save(tmp_path, log10_feature_density=density)
+    save_sae(ours, tmp_path, log10_feature_density=density)
     loaded = load_sae(tmp_path)
     assert loaded.cfg == ours.cfg
     assert not loaded.training
@@ -70,7 +70,7 @@ def test_our_files_load_back_identically(tmp_path, architecture):
 
 
 def test_normalized_files_keep_the_layout_under_our_own_architecture_name(tmp_path):
-    trained_looking_sae("normalized").save(tmp_path)
+    save_sae(trained_looking_sae("normalized"), tmp_path)
     cfg = json.loads((tmp_path / "cfg.json").read_text())
     assert cfg["architecture"] == "normalized"
     assert cfg["input_mean_norm"] == 5.0 and cfg["noise_std"] == 1.0
@@ -97,7 +97,7 @@ def test_cfg_json_from_another_tool_is_a_clear_error(tmp_path):
 
 
 def test_cfg_json_with_options_we_do_not_implement_is_a_clear_error(tmp_path):
-    trained_looking_sae("standard").save(tmp_path)
+    save_sae(trained_looking_sae("standard"), tmp_path)
     cfg = json.loads((tmp_path / "cfg.json").read_text())
     (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "normalize_activations": "layer_norm"}))
     with pytest.raises(ValueError, match="does not implement: {'normalize_activations': 'layer_norm'}"):
@@ -105,7 +105,7 @@ def test_cfg_json_with_options_we_do_not_implement_is_a_clear_error(tmp_path):
 
 
 def test_weights_of_another_architecture_are_a_clear_error(tmp_path):
-    trained_looking_sae("gated").save(tmp_path)
+    save_sae(trained_looking_sae("gated"), tmp_path)
     cfg = json.loads((tmp_path / "cfg.json").read_text())
     (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "architecture": "standard"}))
     with pytest.raises(ValueError, match=r"missing \['b_enc'\], unexpected \['b_gate', 'b_mag', 'r_mag'\]"):
@@ -115,12 +115,12 @@ def test_weights_of_another_architecture_are_a_clear_error(tmp_path):
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        (dict(architecture="jumprelu"), "architecture must be one of"),
+        (dict(architecture="sparse"), "architecture must be one of"),
         (dict(d_sae=0), "d_sae must be a positive int"),
         (dict(hook_name=""), "hook_name must name the hook"),
         (dict(architecture="topk"), "topk needs an int k"),
         (dict(architecture="topk", k=200), "1 <= k <= d_sae=96"),
-        (dict(k=4), "k and k_aux apply to the topk SAE only"),
+        (dict(k=4), "k and k_aux apply to the topk and batchtopk SAEs only"),
         (dict(architecture="gated", use_ghost_grads=True), "use_ghost_grads applies to the standard SAE only"),
         (dict(architecture="normalized"), "the normalized SAE needs input_mean_norm > 0"),
         (dict(l1_coefficient=-1.0), "l1_coefficient must be >= 0"),
@@ -135,7 +135,7 @@ def test_config_validation(settings, message):
     ("settings", "message"),
     [
         (dict(lr=0.0), "lr must be > 0"),
-        (dict(lr_decay="cosine"), "needs total_steps > lr_warmup_steps"),
+        (dict(lr_warmup_steps=10, total_steps=10), "total_steps must be > lr_warmup_steps=10"),
         (dict(lr_decay="exponential"), "lr_decay must be one of"),
         (dict(autocast_dtype="float8"), "autocast_dtype must be None or one of"),
         (dict(dead_feature_window=0), "dead_feature_window must be >= 1"),
