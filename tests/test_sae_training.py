@@ -17,6 +17,8 @@ SETTINGS = {
     "standard": dict(l1_coefficient=0.1),
     "gated": dict(l1_coefficient=0.15),
     "topk": dict(k=8),
+    "batchtopk": dict(k=8),
+    "jumprelu": dict(l0_coefficient=0.05),
     "normalized": dict(l1_coefficient=1e-3, noise_std=0.5, input_mean_norm=MEAN_NORM),
 }
 
