@@ -1,14 +1,20 @@
-"""Sparse autoencoders in pure torch: standard (seed recipe, ghost grads), gated, TopK and
-normalized SAEs behind one interface, a trainer, streaming metrics and SAELens-compatible files.
+"""Sparse autoencoders in pure torch: standard (L1; the seed recipe with ghost grads as
+`SAEConfig.seed_recipe`), gated, TopK, BatchTopK, JumpReLU and normalized SAEs behind one
+interface, a trainer with a target-L0 controller, streaming metrics and SAELens-compatible files.
+Defaults assume inputs scaled to E||x||^2 = d_in; `SAE.fold_input_scale` makes the result act on
+raw activations.
 
-    from sae import SAEConfig, TrainConfig, Trainer, build_sae
-    sae = build_sae(SAEConfig("standard", d_in=768, d_sae=24576, hook_name="blocks.8.hook_resid_pre"))
+    from sae import SAEConfig, TrainConfig, Trainer, build_sae, save_sae
+    cfg = SAEConfig("jumprelu", d_in=768, d_sae=24576, hook_name="blocks.8.hook_resid_pre", target_l0=40)
+    sae = build_sae(cfg, seed=0)
 """
 from .base import SAE, ForwardOutput, geometric_median
+from .batchtopk import BatchTopKSAE
 from .build import SAE_CLASSES, build_sae
 from .config import ARCHITECTURES, SAEConfig
 from .gated import GatedSAE
 from .io import load_log10_feature_density, load_sae, sae_files, save_sae
+from .jumprelu import JumpReLUSAE
 from .metrics import (
     StreamingMetrics,
     decoder_max_cosine_similarity,
@@ -17,19 +23,20 @@ from .metrics import (
 )
 from .normalized import NormalizedSAE
 from .standard import StandardSAE
-from .synthetic import SparseSuperposition, max_cosine_to_ground_truth
 from .topk import TopKSAE
-from .train import TrainConfig, Trainer
+from .train import L0Controller, TrainConfig, Trainer
 
 __all__ = [
     "ARCHITECTURES",
     "SAE",
+    "BatchTopKSAE",
     "SAE_CLASSES",
     "ForwardOutput",
     "GatedSAE",
+    "JumpReLUSAE",
+    "L0Controller",
     "NormalizedSAE",
     "SAEConfig",
-    "SparseSuperposition",
     "StandardSAE",
     "StreamingMetrics",
     "TopKSAE",
@@ -41,7 +48,6 @@ __all__ = [
     "histogram",
     "load_log10_feature_density",
     "load_sae",
-    "max_cosine_to_ground_truth",
     "plot_log10_feature_density",
     "sae_files",
     "save_sae",

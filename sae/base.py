@@ -56,11 +56,13 @@ class SAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         # Random unit feature directions; the encoder starts as the decoder's transpose, so that
-        # every feature initially reads the direction it writes (dictionary_learning, OpenAI).
+        # every feature initially reads the direction it writes (dictionary_learning, OpenAI),
+        # scaled to cfg.encoder_init_norm: small initial codes keep the first reconstructions
+        # near b_dec instead of far beyond the data (SAELens, Anthropic April 2024).
         W_dec = torch.randn(cfg.d_sae, cfg.d_in, generator=generator)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)
-        self.W_enc = nn.Parameter(W_dec.T.clone().contiguous())
+        self.W_enc = nn.Parameter(W_dec.T.clone().contiguous() * cfg.encoder_init_norm)
         # Tied decoder bias: subtracted before encoding, added after decoding.
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
 
@@ -103,9 +105,41 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def initialize_b_dec(self, sample: Tensor) -> None:
-        """Set the decoder bias to the geometric median of a sample of activations [n, d_in]."""
+        """Set the decoder bias from a sample of activations [n, d_in], as cfg.b_dec_init says:
+        their geometric median, their mean, or zeros."""
         self.check_width(sample)
-        self.b_dec.copy_(geometric_median(sample.reshape(-1, self.cfg.d_in)))
+        sample = sample.reshape(-1, self.cfg.d_in)
+        if self.cfg.b_dec_init == "geometric_median":
+            self.b_dec.copy_(geometric_median(sample))
+        elif self.cfg.b_dec_init == "mean":
+            self.b_dec.copy_(sample.to(torch.float64).mean(dim=0))
+        else:
+            self.b_dec.zero_()
+
+    @torch.no_grad()
+    def fold_input_scale(self, scale: float) -> None:
+        """Make an SAE trained on inputs scale * x act on x itself: afterwards encode(x) equals the
+        old encode(scale * x) and decode(f) equals the old decode(f) / scale.
+
+        (x - b_dec / s) @ (s W_enc) = (s x - b_dec) @ W_enc, so every pre-activation, and with it
+        every bias, threshold, gate and magnitude (gated's r_mag scales W_enc's columns; b_gate,
+        b_mag, b_enc, JumpReLU's threshold and BatchTopK's threshold compare with pre-activations
+        or feature activations, which do not change), stays as it was; the decoder and its bias
+        undo the scale. Decoder rows then have norm 1/s: fold only for export, not to continue
+        training with a unit-norm decoder.
+        """
+        if not scale > 0:
+            raise ValueError(f"scale must be > 0, got {scale}")
+        self.W_enc.mul_(scale)
+        self.W_dec.div_(scale)
+        self.b_dec.div_(scale)
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Re-establish the parameter constraints after an optimiser step: unit decoder rows (when
+        `unit_norm_decoder`), plus whatever the architecture adds."""
+        if self.unit_norm_decoder:
+            self.normalize_decoder()
 
     @torch.no_grad()
     def remove_parallel_decoder_grad(self) -> None:

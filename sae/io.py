@@ -3,7 +3,8 @@
     cfg.json                 architecture, d_in, d_sae, dtype, ..., metadata {hook_name, model_name,
                              context_size, prepend_bos, sae_lens_version}, plus our SAEConfig fields
     sae_weights.safetensors  W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_dec [d_in], and
-                             standard/topk/normalized: b_enc; gated: b_gate, r_mag, b_mag
+                             standard/topk/normalized: b_enc; gated: b_gate, r_mag, b_mag;
+                             jumprelu/batchtopk: b_enc, threshold [d_sae]
     sparsity.safetensors     {"sparsity": log10 feature density [d_sae]}, when given
 
 Notes on SAELens 6.x, read from its source:
@@ -14,6 +15,9 @@ Notes on SAELens 6.x, read from its source:
   rows are already unit norm and the TopK selection must see the same numbers as ours.
 - SAELens reads a cfg.json whose metadata lacks sae_lens_version >= 6.0 through its pre-6.0
   converter, which ignores the nested metadata; we therefore write the layout version "6.0.0".
+- batchtopk: at inference a BatchTopK SAE is a JumpReLU with one threshold for every feature;
+  SAELens saves its own as architecture "jumprelu" with a `threshold` tensor, and so do we, with
+  "trained_architecture": "batchtopk" in cfg.json so that `load_sae` gives back a BatchTopKSAE.
 - Loading in SAELens is strict: exactly these tensors, no more, no fewer.
 - "normalized" is our own architecture name; SAELens has no such class and will not load it.
 Unknown keys are ignored by SAELens, which is where our loss settings (l1_coefficient, ...) go.
@@ -45,10 +49,16 @@ SUPPORTED_OPTIONS = {
 }
 
 
+INFERENCE_ARCHITECTURE = {"batchtopk": "jumprelu"}  # ours -> the SAELens class that runs it
+
+
 def sae_lens_config(cfg: SAEConfig) -> dict:
     """The cfg.json dictionary for an SAE with this config."""
     settings = {key: value for key, value in asdict(cfg).items() if value is not None}
     metadata = {key: settings.pop(key) for key in METADATA_KEYS}
+    if cfg.architecture in INFERENCE_ARCHITECTURE:
+        settings["trained_architecture"] = cfg.architecture
+        settings["architecture"] = INFERENCE_ARCHITECTURE[cfg.architecture]
     return {
         **settings,
         "dtype": "float32",
@@ -64,6 +74,8 @@ def config_from_sae_lens(raw: dict, source: str = CFG_FILENAME) -> SAEConfig:
     metadata = raw.get("metadata") or {}
     # SAELens leaves unknown metadata as null; let our defaults stand in for it.
     settings = {key: value for key, value in {**raw, **metadata}.items() if key in known and value is not None}
+    if raw.get("trained_architecture") in INFERENCE_ARCHITECTURE:
+        settings["architecture"] = raw["trained_architecture"]
     missing = [key for key in REQUIRED_KEYS if key not in settings]
     if missing:
         raise ValueError(
@@ -104,8 +116,8 @@ def save_sae(sae: SAE, path: str | Path, log10_feature_density: Tensor | None = 
 
 
 def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
-    """Load an SAE from a directory in SAELens's layout (ours, or SAELens's own standard, gated and
-    topk files), as float32, in eval mode."""
+    """Load an SAE from a directory in SAELens's layout (ours, or SAELens's own standard, gated,
+    topk and jumprelu files; its BatchTopK files are jumprelu), as float32, in eval mode."""
     path = Path(path)
     cfg = config_from_sae_lens(json.loads((path / CFG_FILENAME).read_text()), str(path / CFG_FILENAME))
     sae = build_sae(cfg)

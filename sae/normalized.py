@@ -33,9 +33,10 @@ class NormalizedSAE(SAE):
         # decoder rows M / sqrt(d_sae), so that the ~d_sae/2 features the noise switches on at
         # first add up to about an input's norm, not sqrt(d_sae) times it (with rows of norm M
         # the initial loss is huge and training pushes every b_enc down: all features die).
+        # This replaces the base class's encoder_init_norm: the scale here is set by M.
         with torch.no_grad():
+            self.W_enc.copy_(self.W_dec.T / cfg.input_mean_norm)
             self.W_dec *= cfg.input_mean_norm / cfg.d_sae**0.5
-            self.W_enc /= cfg.input_mean_norm
 
     @property
     def l1_beta(self) -> float:

@@ -44,11 +44,16 @@ class TopKSAE(SAE):
         return ForwardOutput(x_hat, feature_acts, losses, sum(losses.values()))
 
     def auxk_loss(self, x: Tensor, x_hat: Tensor, hidden_pre: Tensor, dead_mask: Tensor) -> Tensor:
-        k_aux = self.cfg.auxk_latents
-        residual = (x - x_hat).detach()
-        # Live latents sit at -inf, so when fewer than k_aux are dead the extra picks are -inf,
-        # which ReLU turns into exact zeros (no value, no gradient).
-        dead_pre = hidden_pre.masked_fill(~dead_mask, float("-inf"))
-        residual_hat = keep_top_k(dead_pre, k_aux) @ self.W_dec
-        scale = (dead_mask.sum() / k_aux).clamp(max=1.0)
-        return scale * squared_error(residual, residual_hat).mean()
+        return auxk_loss(self, x, x_hat, hidden_pre, dead_mask)
+
+
+def auxk_loss(sae: SAE, x: Tensor, x_hat: Tensor, hidden_pre: Tensor, dead_mask: Tensor) -> Tensor:
+    """The AuxK loss above (unweighted), shared with the BatchTopK SAE."""
+    k_aux = sae.cfg.auxk_latents
+    residual = (x - x_hat).detach()
+    # Live latents sit at -inf, so when fewer than k_aux are dead the extra picks are -inf,
+    # which ReLU turns into exact zeros (no value, no gradient).
+    dead_pre = hidden_pre.masked_fill(~dead_mask, float("-inf"))
+    residual_hat = keep_top_k(dead_pre, k_aux) @ sae.W_dec
+    scale = (dead_mask.sum() / k_aux).clamp(max=1.0)
+    return scale * squared_error(residual, residual_hat).mean()

@@ -13,6 +13,8 @@ SETTINGS = {
     "standard": dict(l1_coefficient=0.01, use_ghost_grads=True),
     "gated": dict(l1_coefficient=0.01),
     "topk": dict(k=7),
+    "batchtopk": dict(k=7),
+    "jumprelu": dict(l0_coefficient=0.5),
     "normalized": dict(l1_coefficient=0.001, input_mean_norm=5.0),
 }
 
@@ -28,6 +30,10 @@ def trained_looking_sae(architecture):
     with torch.no_grad():
         for parameter in sae.parameters():
             parameter += 0.1 * torch.randn(parameter.shape, generator=generator)
+        if hasattr(sae, "threshold"):  # JumpReLU's parameter, BatchTopK's buffer: positive, as trained
+            sae.threshold.copy_(0.05 + 0.1 * torch.rand(sae.threshold.shape, generator=generator))
+            if architecture == "batchtopk":  # one threshold shared by every feature
+                sae.threshold.fill_(float(sae.threshold[0]))
         if sae.unit_norm_decoder:
             sae.normalize_decoder()
     return sae.eval()
@@ -37,12 +43,13 @@ def activations(n=200):
     return 0.5 + torch.randn(n, 24, generator=torch.Generator().manual_seed(2))
 
 
-@pytest.mark.parametrize("architecture", ["standard", "gated", "topk"])
+@pytest.mark.parametrize("architecture", ["standard", "gated", "topk", "jumprelu", "batchtopk"])
 def test_saelens_loads_our_files_with_the_same_activations(tmp_path, architecture):
     ours = trained_looking_sae(architecture)
     save_sae(ours, tmp_path)
     theirs = sae_lens.SAE.load_from_disk(tmp_path)
-    assert theirs.cfg.architecture() == architecture
+    # A BatchTopK SAE runs as a JumpReLU at inference, in SAELens as here.
+    assert theirs.cfg.architecture() == ("jumprelu" if architecture == "batchtopk" else architecture)
     assert theirs.cfg.metadata.hook_name == "blocks.3.hook_resid_post"
     assert theirs.cfg.metadata.context_size == 64
     x = activations()
@@ -75,6 +82,22 @@ def test_normalized_files_keep_the_layout_under_our_own_architecture_name(tmp_pa
     assert cfg["architecture"] == "normalized"
     assert cfg["input_mean_norm"] == 5.0 and cfg["noise_std"] == 1.0
     assert load_file(tmp_path / "sae_weights.safetensors").keys() == {"W_enc", "W_dec", "b_enc", "b_dec"}
+
+
+def test_we_load_a_batchtopk_sae_saved_by_saelens_as_jumprelu(tmp_path):
+    cfg = sae_lens.BatchTopKTrainingSAEConfig(d_in=24, d_sae=96, k=5, metadata=SAEMetadata(hook_name="h"))
+    theirs = sae_lens.BatchTopKTrainingSAE(cfg)
+    with torch.no_grad():
+        for parameter in theirs.parameters():
+            parameter += 0.1 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(3))
+        theirs.topk_threshold.fill_(0.1)
+    theirs.save_inference_model(tmp_path)
+    ours = load_sae(tmp_path)
+    assert ours.cfg.architecture == "jumprelu"
+    inference = sae_lens.SAE.load_from_disk(tmp_path)
+    x = activations()
+    with torch.no_grad():
+        torch.testing.assert_close(ours.encode(x), inference.encode(x), atol=1e-5, rtol=0)
 
 
 def test_we_load_a_standard_sae_saved_by_saelens(tmp_path):
@@ -115,12 +138,12 @@ def test_weights_of_another_architecture_are_a_clear_error(tmp_path):
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        (dict(architecture="jumprelu"), "architecture must be one of"),
+        (dict(architecture="sparse"), "architecture must be one of"),
         (dict(d_sae=0), "d_sae must be a positive int"),
         (dict(hook_name=""), "hook_name must name the hook"),
         (dict(architecture="topk"), "topk needs an int k"),
         (dict(architecture="topk", k=200), "1 <= k <= d_sae=96"),
-        (dict(k=4), "k and k_aux apply to the topk SAE only"),
+        (dict(k=4), "k and k_aux apply to the topk and batchtopk SAEs only"),
         (dict(architecture="gated", use_ghost_grads=True), "use_ghost_grads applies to the standard SAE only"),
         (dict(architecture="normalized"), "the normalized SAE needs input_mean_norm > 0"),
         (dict(l1_coefficient=-1.0), "l1_coefficient must be >= 0"),
@@ -135,7 +158,7 @@ def test_config_validation(settings, message):
     ("settings", "message"),
     [
         (dict(lr=0.0), "lr must be > 0"),
-        (dict(lr_decay="cosine"), "needs total_steps > lr_warmup_steps"),
+        (dict(lr_warmup_steps=10, total_steps=10), "total_steps must be > lr_warmup_steps=10"),
         (dict(lr_decay="exponential"), "lr_decay must be one of"),
         (dict(autocast_dtype="float8"), "autocast_dtype must be None or one of"),
         (dict(dead_feature_window=0), "dead_feature_window must be >= 1"),

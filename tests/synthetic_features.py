@@ -1,4 +1,4 @@
-"""Synthetic activations with known ground truth: sparse features in superposition.
+"""Synthetic activations with known ground truth, for the SAE tests: sparse features in superposition.
 
 Each token is offset + sum_i a_i * d_i over a few active features i, with n_features random unit
 directions d_i in d_in < n_features dimensions. An SAE that works recovers the d_i as decoder rows.

@@ -1,0 +1,211 @@
+"""Our SAEs (sae/) against SAELens's own trainer on the same cached activations, in the same order.
+
+    ./dev python bench/vs_saelens.py --cache /work/scratch-sae/cache --hook blocks.2.hook_resid_pre \
+        --tokens 2000000 --d-sae 1024 --targets 10,20,40 --archs standard,gated,topk,batchtopk,jumprelu
+
+The train split's activations for the hook (BOS rows dropped) are read into memory, scaled by
+s = sqrt(d_in / E||x||^2) (the cache's per-hook statistic, as our trainer does), shuffled once with
+a fixed seed, and cut into the same batches for both libraries (several epochs when --tokens exceeds
+the cache). SAELens gets the already-scaled batches with normalize_activations="none", so both
+libraries see identical numbers. Both are evaluated on the eval split (scaled the same way) with
+their inference SAEs: ours as trained, SAELens's through save_inference_model / SAE.load_from_disk
+(which turns its BatchTopK into a JumpReLU). Explained variance is centred and in float64 and does
+not depend on the scale.
+
+Sparsity: ours reaches each target through SAEConfig.target_l0 (k for topk/batchtopk, the L0
+controller otherwise). SAELens's topk/batchtopk take k = target; its standard, gated and jumprelu
+trainers have no target-L0 control, so their coefficient is searched: a first run at the coefficient
+our controller ended at, then secant steps in log-log space (L0 ~ c^-a), --search-runs runs in all at
+the full token budget, and the run whose held-out L0 is closest to the target is reported.
+"""
+import argparse
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from actserve.sae import SAEConfig, StreamingMetrics, Trainer, TrainConfig, build_sae
+from actserve.services.manifest import read_manifest
+from actserve.services.shard_format import decode_activations, read_shard
+from actserve.services.storage import open_url
+
+SAELENS_COEFFICIENT = {"standard": "l1_coefficient", "gated": "l1_coefficient", "jumprelu": "l0_coefficient"}
+
+
+def load_split(url: str, hook: str, split: str) -> torch.Tensor:
+    manifest = read_manifest(url)
+    fs, root = open_url(url)
+    shards = manifest.train.shards if split == "train" else manifest.eval.shards
+    parts = []
+    for shard in shards:
+        table = read_shard(fs, root, shard, columns=[hook, "position"])
+        x = decode_activations(table.column(hook), manifest.config.dtype, manifest.d_model).float()
+        keep = torch.as_tensor(table.column("position").to_numpy()) != 0  # BOS rows
+        parts.append(x[keep])
+    return torch.cat(parts), manifest
+
+
+def batches(train: torch.Tensor, tokens: int, batch_size: int):
+    """The same batch sequence for every run: the once-shuffled data, repeated in epochs."""
+    n_steps = math.ceil(tokens / batch_size)
+    for step in range(n_steps):
+        start = (step * batch_size) % (len(train) - batch_size + 1)
+        yield train[start : start + batch_size]
+
+
+def evaluate(sae, eval_x: torch.Tensor) -> dict:
+    metrics = StreamingMetrics(sae.cfg.d_sae)
+    with torch.no_grad():
+        for chunk in eval_x.split(8192):
+            f = sae.encode(chunk)
+            metrics.update(chunk, sae.decode(f), f)
+    return metrics.compute()
+
+
+def train_ours(arch, target, train, eval_x, args):
+    d_in = train.shape[1]
+    n_steps = math.ceil(args.tokens / args.batch_size)
+    cfg = SAEConfig(arch, d_in=d_in, d_sae=args.d_sae, hook_name=args.hook, target_l0=target)
+    sae = build_sae(cfg, seed=0)
+    trainer = Trainer(sae, TrainConfig(total_steps=n_steps, batch_size=args.batch_size))
+    t0 = time.perf_counter()
+    stats = {}
+    for i, x in enumerate(batches(train, args.tokens, args.batch_size)):
+        if i == 0:
+            sae.initialize_b_dec(x)
+        stats = trainer.step(x)
+    elapsed = time.perf_counter() - t0
+    sae.eval()
+    result = evaluate(sae, eval_x)
+    result["tokens_per_s"] = args.tokens / elapsed
+    result["coefficient"] = stats.get("sparsity_coefficient")
+    return result
+
+
+def train_saelens(arch, target, coefficient, train, eval_x, args):
+    import sae_lens
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
+    from sae_lens.saes.sae import SAEMetadata
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    d_in = train.shape[1]
+    n_steps = math.ceil(args.tokens / args.batch_size)
+    common = dict(d_in=d_in, d_sae=args.d_sae, normalize_activations="none", metadata=SAEMetadata(hook_name=args.hook))
+    if arch in ("topk", "batchtopk"):
+        settings = dict(k=target)
+    else:
+        settings = {SAELENS_COEFFICIENT[arch]: coefficient}
+    config_class = {
+        "standard": sae_lens.StandardTrainingSAEConfig,
+        "gated": sae_lens.GatedTrainingSAEConfig,
+        "topk": sae_lens.TopKTrainingSAEConfig,
+        "batchtopk": sae_lens.BatchTopKTrainingSAEConfig,
+        "jumprelu": sae_lens.JumpReLUTrainingSAEConfig,
+    }[arch]
+    torch.manual_seed(0)
+    sae = sae_lens.TrainingSAE.from_dict({**config_class(**common, **settings).to_dict()})
+    decay_steps = max(1, int(0.2 * n_steps))
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=n_steps * args.batch_size,
+        train_batch_size_samples=args.batch_size,
+        lr=TrainConfig.lr,
+        lr_end=TrainConfig.lr * 0.01,
+        lr_decay_steps=decay_steps,
+        device="cpu",
+        logger=LoggingConfig(log_to_wandb=False),
+        n_checkpoints=0,
+        checkpoint_path=None,
+        save_final_checkpoint=False,
+        n_batches_for_norm_estimate=1,
+    )
+    trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=batches(train, args.tokens, args.batch_size))
+    t0 = time.perf_counter()
+    trainer.fit()
+    elapsed = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        sae.save_inference_model(tmp)
+        inference = sae_lens.SAE.load_from_disk(tmp)
+    inference.eval()
+    result = evaluate(inference, eval_x)
+    result["tokens_per_s"] = args.tokens / elapsed
+    result["coefficient"] = coefficient
+    return result
+
+
+def search_saelens(arch, target, start, train, eval_x, args):
+    """Secant search in log-log space for the SAELens coefficient giving L0 = target."""
+    runs = []
+    coefficient = start
+    for i in range(args.search_runs):
+        result = train_saelens(arch, target, coefficient, train, eval_x, args)
+        runs.append(result)
+        print(f"  saelens {arch} target {target}: coefficient {coefficient:.4g} -> L0 {result['l0']:.2f}", flush=True)
+        if abs(result["l0"] / target - 1) < 0.05:
+            break
+        if len(runs) == 1:
+            slope = -1.0  # first step: assume L0 ~ 1 / c
+        else:
+            a, b = runs[-2], runs[-1]
+            slope = (math.log(b["l0"]) - math.log(a["l0"])) / (math.log(b["coefficient"]) - math.log(a["coefficient"]))
+            slope = min(slope, -0.2)  # L0 falls as the coefficient grows
+        coefficient = coefficient * math.exp((math.log(target) - math.log(result["l0"])) / slope)
+    best = min(runs, key=lambda r: abs(math.log(r["l0"] / target)))
+    best["how"] = f"secant search, {len(runs)} runs: " + ", ".join(f"{r['coefficient']:.3g}->{r['l0']:.1f}" for r in runs)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cache", required=True)
+    parser.add_argument("--hook", default="blocks.2.hook_resid_pre")
+    parser.add_argument("--tokens", type=int, default=2_000_000)
+    parser.add_argument("--d-sae", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    parser.add_argument("--targets", default="10,20,40")
+    parser.add_argument("--archs", default="standard,gated,topk,batchtopk,jumprelu")
+    parser.add_argument("--libraries", default="ours,saelens")
+    parser.add_argument("--search-runs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    train, manifest = load_split(args.cache, args.hook, "train")
+    eval_x, _ = load_split(args.cache, args.hook, "eval")
+    scale = math.sqrt(manifest.d_model / manifest.stats[args.hook].mean_sq_norm)
+    train = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))] * scale
+    eval_x = eval_x * scale
+    print(f"{args.hook}: {len(train):,} train / {len(eval_x):,} eval tokens, scale {scale:.4f}, "
+          f"{args.tokens:,} tokens per run", flush=True)
+
+    rows = []
+    for arch in args.archs.split(","):
+        for target in [float(t) for t in args.targets.split(",")]:
+            target = int(target) if target == int(target) else target
+            ours = None
+            if "ours" in args.libraries:
+                ours = train_ours(arch, target, train, eval_x, args)
+                ours["how"] = "target_l0" + (f" (controller ended at {ours['coefficient']:.3g})" if ours["coefficient"] else " (k)")
+                rows.append((arch, target, "ours", ours))
+                print(f"  ours {arch} target {target}: L0 {ours['l0']:.2f} EV {ours['explained_variance']:.4f}", flush=True)
+            if "saelens" in args.libraries:
+                if arch in ("topk", "batchtopk"):
+                    theirs = train_saelens(arch, target, None, train, eval_x, args)
+                    theirs["how"] = "k = target"
+                else:
+                    start = ours["coefficient"] if ours else SAEConfig(arch, 1, 1, "h").sparsity_coefficient
+                    theirs = search_saelens(arch, target, start, train, eval_x, args)
+                rows.append((arch, target, "saelens", theirs))
+                print(f"  saelens {arch} target {target}: L0 {theirs['l0']:.2f} EV {theirs['explained_variance']:.4f}", flush=True)
+
+    print()
+    print("| architecture | target L0 | library | L0 | variance explained | dead | dense (>1%) | tokens/s | coefficient: how found |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for arch, target, library, r in rows:
+        print(f"| {arch} | {target} | {library} | {r['l0']:.1f} | {r['explained_variance']:.4f} | {r['dead_features']:.0f} | "
+              f"{r['dense_features']:.0f} | {r['tokens_per_s']:,.0f} | {r['how']} |")
+
+
+if __name__ == "__main__":
+    main()
