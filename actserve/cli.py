@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="offline end-to-end run on this machine: model, cache, server, trainers, eval",
                        description="Make the offline tiny model (once), cache every layer's residual stream on local "
-                                   "disk, serve it over Arrow Flight, train one SAE per layer plus a Normalized SAE "
+                                   "disk, serve it over Arrow Flight, train one SAE per layer (plus JumpReLU and TopK on the middle layer) "
                                    "concurrently against the server, evaluate them and print the seed-style table.")
     p.add_argument("--workdir", default="actserve-work", help="where the model, corpus and cache go (default: %(default)s)")
     p.add_argument("--tokens", type=int, default=1_000_000,

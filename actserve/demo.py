@@ -4,8 +4,8 @@
   2. a cache of every layer's residual stream, train and eval splits, on local disk (Ray actors):
      --tokens train tokens, or all the corpus has (about 0.5M) when that is fewer;
   3. a server actor streaming it over Arrow Flight;
-  4. one standard-SAE trainer per layer plus one Normalized-SAE trainer, concurrently, as Ray tasks,
-     each on --tokens tokens streamed from the server;
+  4. one standard-SAE trainer per layer plus a JumpReLU and a TopK SAE on the middle layer, all
+     ending at the same L0, concurrently, as Ray tasks, each on --tokens tokens streamed from the server;
   5. the evaluator: the seed-style table, density-histogram PNGs and a JSON report.
 """
 from __future__ import annotations
@@ -24,12 +24,10 @@ from actserve.services.build import BuildOptions, build_cache
 from actserve.services.manifest import summary
 from actserve.services.ray_runtime import ensure_ray
 
-# Chosen on the tiny model (E|x| about 20 at every layer): with ~2000 steps of 1024 tokens, L1 1.0
-# gives explained variance ~0.9 at L0 ~100 of 1024 features; 0.3 gives ~0.95 at L0 ~200.
-DEMO_EXPANSION = 8        # d_sae = 8 * d_model: the tiny model's residual stream is 128 wide
-DEMO_L1 = 1.0
-DEMO_LR = 3e-3
-DEMO_NORMALIZED_ALPHA = 1e-3  # beta = alpha * E|x|^2, about 0.45 here
+DEMO_EXPANSION = 8      # d_sae = 8 * d_model: the tiny model's residual stream is 128 wide
+DEMO_TARGET_L0 = 20     # every SAE ends at this L0 (the trainer's target_l0), so they compare at equal sparsity
+# The middle layer also gets these, side by side with its standard SAE at the same L0.
+DEMO_COMPARED_ARCHITECTURES = ("jumprelu", "topk")
 
 
 @dataclass(frozen=True)
@@ -38,7 +36,6 @@ class DemoOptions:
     tokens: int = 1_000_000
     eval_tokens: int = 100_000
     context_size: int = 128
-    batch_size: int = 1024
 
     def __post_init__(self):
         if self.tokens <= 0:
@@ -58,17 +55,16 @@ def prepare_model(workdir: Path) -> tuple[Path, Path]:
     return corpus, model
 
 
-def demo_points(manifest, out: Path, tokens: int, batch_size: int) -> list:
-    """A standard SAE per cached layer, and a Normalized SAE on the middle layer."""
+def demo_points(manifest, out: Path, tokens: int) -> list[TrainOptions]:
+    """A standard SAE per cached layer, and the compared architectures on the middle layer, all at
+    DEMO_TARGET_L0 with the trainer's defaults otherwise."""
     hooks = list(manifest.config.hooks)
-    common = dict(tokens=tokens, batch_size=batch_size, expansions=(DEMO_EXPANSION,), lrs=(DEMO_LR,), lr_warmup_steps=100,
-                  checkpoint_every=max(tokens // 4, batch_size), log_every=20)
-    points = [TrainOptions(hook=h, out=str(out / "saes" / f"{h}-standard"), l1_coefficients=(DEMO_L1,), **common)
-              for h in hooks]
     middle = hooks[len(hooks) // 2]
-    points.append(TrainOptions(hook=middle, out=str(out / "saes" / f"{middle}-normalized"), architectures=("normalized",),
-                               l1_coefficients=(DEMO_NORMALIZED_ALPHA,), **common))
-    return points
+    runs = [(h, "standard") for h in hooks] + [(middle, arch) for arch in DEMO_COMPARED_ARCHITECTURES]
+    return [TrainOptions(hook=hook, out=str(out / "saes" / f"{hook}-{arch}"), tokens=tokens, architectures=(arch,),
+                         expansions=(DEMO_EXPANSION,), target_l0s=(DEMO_TARGET_L0,),
+                         checkpoint_every=max(tokens // 4, TrainOptions.batch_size), log_every=20)
+            for hook, arch in runs]
 
 
 def run_demo(opts: DemoOptions) -> int:
@@ -92,7 +88,7 @@ def run_demo(opts: DemoOptions) -> int:
     # trainer still trains on --tokens, in several epochs, each in a new order.
     train_tokens = opts.tokens
     spec = SweepSpec(cache=cache_url, out=str(out), tokens=train_tokens, grid={"hook": list(manifest.config.hooks)})
-    points = demo_points(manifest, out, train_tokens, opts.batch_size)
+    points = demo_points(manifest, out, train_tokens)
     t0 = time.perf_counter()
     results = run_sweep(spec, points=points)
     timings["train_and_eval_s"] = time.perf_counter() - t0

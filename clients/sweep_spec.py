@@ -9,12 +9,12 @@ reading the same cache through one server; then the evaluator over every SAE, an
     cpus_per_trainer: 1
     grid:                                 # the product of every list is the set of points
       hook: [blocks.0.hook_resid_pre, blocks.1.hook_resid_pre]
-      architecture: [standard, topk]
-      l1_coefficient: [8e-5]              # standard / gated / normalized points
-      k: [32]                             # topk points
-      lr: [4e-4]
+      architecture: [standard, jumprelu, topk, batchtopk]
+      target_l0: [10, 20, 40]             # every architecture at the same L0s (or, instead:
+                                          # l1_coefficient for the penalised ones, k for topk/batchtopk)
       expansion: [32]
-    train: {batch_size: 4096, lr_warmup_steps: 1000}   # any other `actserve train` option
+      lr: [5e-3]                          # a left-out axis takes `actserve train`'s default
+    train: {batch_size: 4096}             # any other `actserve train` option
     eval: {max_tokens: 100000}            # evaluator options, or `eval: false`
 
 A failing point is reported in the table and does not stop the others.
@@ -28,7 +28,7 @@ import yaml
 
 from actserve.clients.train_options import TrainOptions, grid_points
 
-GRID_KEYS = {"hook": "hook", "architecture": "architectures", "l1_coefficient": "l1_coefficients",
+GRID_KEYS = {"hook": "hook", "architecture": "architectures", "target_l0": "target_l0s", "l1_coefficient": "l1_coefficients",
              "k": "ks", "lr": "lrs", "expansion": "expansions"}
 TOP_KEYS = {"cache", "server", "out", "tokens", "grid", "train", "eval", "storage_options",
             "gpus_per_trainer", "cpus_per_trainer", "token"}
@@ -83,7 +83,7 @@ def load_sweep(path: str) -> SweepSpec:
     return SweepSpec(**{**raw, "grid": grid, "train": raw.get("train") or {}})
 
 
-GRID_TYPES = {"l1_coefficient": float, "lr": float, "k": int, "expansion": int}
+GRID_TYPES = {"target_l0": float, "l1_coefficient": float, "lr": float, "k": int, "expansion": int}
 
 
 def grid_value(path: str, key: str, value):
@@ -120,7 +120,7 @@ def sweep_points(spec: SweepSpec) -> list[TrainOptions]:
     points = []
     for hook in grid["hook"]:
         for point in grid_points(**axes):
-            sparsity = {"ks": (point.value,)} if point.sparsity == "k" else {"l1_coefficients": (point.value,)}
+            sparsity = {{"l0": "target_l0s", "k": "ks", "l1": "l1_coefficients"}[point.sparsity]: (point.value,)}
             points.append(TrainOptions(
                 hook=hook, out=str(Path(spec.out) / "saes" / point.name(hook)), tokens=spec.tokens,
                 architectures=(point.architecture,), expansions=(point.expansion,), lrs=(point.lr,),

@@ -39,37 +39,33 @@ class Run:
 def run_grid(opts: TrainOptions, d_in: int, stats, model_name: str, context_size: int) -> list[tuple[str, SAEConfig, TrainConfig]]:
     """(name, SAEConfig, TrainConfig) for every point of the options' grid."""
     total_steps = math.ceil(opts.tokens / opts.batch_size)
+    scale = input_scale(stats, d_in)
     grid = []
-    for point in grid_points(opts.architectures, opts.expansions, opts.lrs, opts.l1_coefficients, opts.ks):
-        arch, kind, value = point.architecture, point.sparsity, point.value
-        sae_cfg = SAEConfig(
-            architecture=arch, d_in=d_in, d_sae=d_in * point.expansion, hook_name=opts.hook,
-            model_name=model_name, context_size=context_size,
-            l1_coefficient=value if kind == "l1" else 0.0, k=value if kind == "k" else None,
-            use_ghost_grads=opts.ghost_grads and arch == "standard",
-            input_mean_norm=stats.mean_norm * input_scale(opts, stats, d_in) if arch == "normalized" else None,
+    for point in grid_points(opts.architectures, opts.expansions, opts.lrs, opts.target_l0s, opts.l1_coefficients, opts.ks):
+        arch = point.architecture
+        settings = dict(
+            d_in=d_in, d_sae=d_in * point.expansion, hook_name=opts.hook, model_name=model_name,
+            context_size=context_size, **point.sae_settings(),
+            input_mean_norm=stats.mean_norm * scale if arch == "normalized" else None,
         )
-        train_cfg = TrainConfig(
-            lr=point.lr, lr_warmup_steps=min(opts.lr_warmup_steps, max(total_steps - 1, 0)),
-            lr_decay=opts.lr_decay, total_steps=total_steps if opts.lr_decay != "constant" else None,
-            l1_warmup_steps=opts.l1_warmup_steps, dead_feature_window=opts.dead_feature_window, seed=opts.seed,
-        )
+        schedule = dict(total_steps=total_steps, seed=opts.seed, batch_size=opts.batch_size,
+                        l1_warmup_steps=opts.l1_warmup_steps)
+        if opts.recipe == "seed":
+            sae_cfg = SAEConfig.seed_recipe(**settings)
+            train_cfg = TrainConfig.seed_recipe(**schedule)
+        else:
+            sae_cfg = SAEConfig(arch, use_ghost_grads=opts.ghost_grads and arch == "standard", **settings)
+            train_cfg = TrainConfig(lr=point.lr, lr_warmup_steps=min(opts.lr_warmup_steps, max(total_steps - 1, 0)),
+                                    lr_decay=opts.lr_decay, dead_feature_window=opts.dead_feature_window, **schedule)
         grid.append((point.name(opts.hook), sae_cfg, train_cfg))
     return grid
 
 
-def input_scale(opts: TrainOptions, stats, d_in: int) -> float:
-    """The factor inputs are multiplied by: 1, or sqrt(d_in / E||x||^2) so that E||x||^2 = d_in."""
-    return math.sqrt(d_in / stats.mean_sq_norm) if opts.scale_to_sqrt_d else 1.0
-
-
-@torch.no_grad()
-def fold_input_scale(sae, scale: float) -> None:
-    """Make an SAE trained on scale * x act on x itself: encoder weights absorb the scale, the
-    decoder and its bias undo it (the same for every architecture: all read x - b_dec via W_enc)."""
-    sae.W_enc.mul_(scale)
-    sae.W_dec.div_(scale)
-    sae.b_dec.div_(scale)
+def input_scale(stats, d_in: int) -> float:
+    """The factor inputs are multiplied by so that E||x||^2 = d_in: every default of the SAE library
+    is chosen on that scale, which makes training the same on any model and hook. It is folded
+    back into the weights at export, so saved SAEs act on raw activations."""
+    return math.sqrt(d_in / stats.mean_sq_norm)
 
 
 def atomic_torch_save(obj, path: Path) -> None:
@@ -90,7 +86,7 @@ def train(opts: TrainOptions, source, d_in: int, stats, model_name: str = "", co
     runs = [Run(name, Trainer(build_sae(sae_cfg, seed=opts.seed).to(opts.device), train_cfg),
                 StreamingMetrics(sae_cfg.d_sae, opts.device))
             for name, sae_cfg, train_cfg in grid]
-    scale = input_scale(opts, stats, d_in)
+    scale = input_scale(stats, d_in)
     checkpoint = load_checkpoint(out, runs)
     tokens = 0
     if checkpoint:
@@ -116,7 +112,7 @@ def train(opts: TrainOptions, source, d_in: int, stats, model_name: str = "", co
         t1 = time.perf_counter()
         sample = runs[0].trainer.n_steps % sample_every == 0 or tokens + len(x) >= opts.tokens
         for run in runs:
-            if run.trainer.n_steps == 0:  # the seed recipe: b_dec starts at the geometric median
+            if run.trainer.n_steps == 0:  # b_dec starts as the config says (geometric median by default)
                 run.trainer.sae.initialize_b_dec(x)
             run.last = run.trainer.step(x)
             if sample:
@@ -185,8 +181,7 @@ def export(opts: TrainOptions, runs: list[Run], scale: float) -> list[Path]:
     paths = []
     for run in runs:
         sae = run.trainer.sae
-        if scale != 1.0:
-            fold_input_scale(sae, scale)
+        sae.fold_input_scale(scale)
         path = Path(opts.out) if len(runs) == 1 else Path(opts.out) / run.name
         export_sae(sae, path, run.metrics.log10_feature_density())
         paths.append(path)
