@@ -147,8 +147,8 @@ def cmd_features(args) -> int:
         batch_sequences=args.batch_sequences, exclude_bos=not args.include_bos, device=args.device,
     )
     index = build_feature_browser(opts, progress=not args.quiet)
-    print(f"feature browser: {index}; top activations and feature summaries: "
-          f"{Path(args.out)}/SAE/top_activations.parquet, features.parquet")
+    print(f"feature browser: {index}")
+    print(f"per SAE, in {args.out}/<SAE>/: top_activations.parquet, features.parquet, summary.json, index.html")
     return 0
 
 
