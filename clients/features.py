@@ -104,47 +104,59 @@ class FeatureStats:
 
     @torch.no_grad()
     def update(self, f: torch.Tensor, tokens: torch.Tensor, counted: torch.Tensor, first_index: int) -> None:
-        """Add a batch: feature activations f [n_seq, ctx, d_sae], tokens [n_seq, ctx], counted
-        [n_seq, ctx] (the positions that count), first_index (stream index of tokens[0, 0])."""
-        n_seq, ctx, d_sae = f.shape
-        f = f.float().masked_fill(~counted[..., None], 0.0)
-        flat = f.reshape(-1, d_sae)
-        self.tokens += int(counted.sum())
-        active = flat > 0
-        self.fire_count += active.sum(0)
-        self.act_sum += flat.sum(0, dtype=torch.float64)
-        self.act_max = torch.maximum(self.act_max, flat.amax(0))
-        rows, features = active.nonzero(as_tuple=True)
-        if len(rows):
-            bins = torch.bucketize(flat[rows, features].log10(), self.log_edges, right=True)
-            self.hist.index_add_(0, features * HIST_BINS + bins, torch.ones_like(bins))
-        self.merge_top(f, tokens, first_index)
+        """Add a batch: feature activations f [n_seq, ctx, d_sae] (zeroed in place where not
+        counted), tokens [n_seq, ctx], counted [n_seq, ctx] (the positions that count),
+        first_index (stream index of tokens[0, 0]).
 
-    def merge_top(self, f: torch.Tensor, tokens: torch.Tensor, first_index: int) -> None:
+        The full [tokens, d_sae] matrix is read three times (max, non-zeros, and the top-k of the
+        features whose batch max beats their current K-th example); the rest is O(non-zeros).
+        """
         n_seq, ctx, d_sae = f.shape
-        flat = f.reshape(-1, d_sae)
+        f = f.float()
+        f[~counted] = 0.0
+        flat = f.view(-1, d_sae)
+        self.tokens += int(counted.sum())
+        batch_max = flat.amax(0)
+        self.act_max = torch.maximum(self.act_max, batch_max)
+        rows, features = flat.nonzero(as_tuple=True)  # "fires": a non-zero activation, as in eval's L0
+        if len(rows):
+            values = flat[rows, features]
+            self.fire_count += torch.bincount(features, minlength=d_sae)
+            self.act_sum.index_add_(0, features, values.double())
+            # log10 of a negative activation is nan: clamp so that those land in the underflow bin
+            bins = torch.bucketize(values.clamp(min=1e-30).log10(), self.log_edges, right=True)
+            self.hist.index_add_(0, features * HIST_BINS + bins, torch.ones_like(bins))
+        candidates = (batch_max > self.top_act[:, -1]).nonzero(as_tuple=True)[0]
+        if len(candidates):
+            self.merge_top(flat, ctx, tokens, candidates, first_index)
+
+    def merge_top(self, flat: torch.Tensor, ctx: int, tokens: torch.Tensor, candidates: torch.Tensor,
+                  first_index: int) -> None:
+        """Merge the batch's top-k of the `candidates` features into their running top-k."""
         k = min(self.top, flat.shape[0])
-        batch_act, batch_row = flat.topk(k, dim=0)                       # [k, d_sae]
-        merged_act, slot = torch.cat([self.top_act, batch_act.T], 1).topk(self.top, dim=1)  # [d_sae, top]
-        new = slot >= self.top                                           # the slot's example is from this batch
-        row = batch_row.T.gather(1, (slot - self.top).clamp(min=0))      # its row in the batch
-        seq, pos = row // ctx, row % ctx
-        # windows in coordinates padded by `left` before and `right` after every sequence
-        offsets = torch.arange(self.window, device=f.device)
-        window_pos = pos[..., None] + offsets                            # [d_sae, top, window]
-        padded_tokens = F.pad(tokens.to(f.device), (self.left, self.right), value=-1)
-        padded_f = F.pad(f, (0, 0, self.left, self.right))
-        context = padded_tokens[seq[..., None], window_pos]
-        feature = torch.arange(d_sae, device=f.device)[:, None, None]
-        context_act = padded_f[seq[..., None], window_pos, feature]
+        batch_act, batch_row = flat[:, candidates].T.contiguous().topk(k, dim=1)   # [c, k]
+        merged_act, slot = torch.cat([self.top_act[candidates], batch_act], 1).topk(self.top, dim=1)  # [c, top]
+        new = slot >= self.top                                                     # example from this batch
+        row = batch_row.gather(1, (slot - self.top).clamp(min=0))                  # its row in the batch
+        # the window of each example, within its sequence; -1 / 0 outside it
+        pos = row % ctx
+        window = pos[..., None] + torch.arange(-self.left, self.right + 1, device=flat.device)  # [c, top, window]
+        inside = (window >= 0) & (window < ctx)
+        window_row = (row - pos)[..., None] + window.clamp(0, ctx - 1)
+        context = torch.where(inside, tokens.reshape(-1).to(flat.device)[window_row], -1)
+        context_act = torch.where(inside, flat[window_row, candidates[:, None, None]], 0.0)
         old = slot.clamp(max=self.top - 1)
-        keep = lambda old_values, new_values: torch.where(
-            new.view(*new.shape, *[1] * (new_values.ndim - 2)), new_values,
-            old_values.gather(1, old.view(*old.shape, *[1] * (old_values.ndim - 2)).expand_as(new_values)))
-        self.top_index = keep(self.top_index, row + first_index)
-        self.top_context = keep(self.top_context, context)
-        self.top_context_act = keep(self.top_context_act, context_act)
-        self.top_act = merged_act
+
+        def keep(old_values: torch.Tensor, new_values: torch.Tensor) -> torch.Tensor:
+            old_values = old_values[candidates]
+            extra = [1] * (new_values.ndim - 2)
+            kept = old_values.gather(1, old.view(*old.shape, *extra).expand_as(new_values))
+            return torch.where(new.view(*new.shape, *extra), new_values, kept)
+
+        self.top_index[candidates] = keep(self.top_index, row + first_index)
+        self.top_context[candidates] = keep(self.top_context, context)
+        self.top_context_act[candidates] = keep(self.top_context_act, context_act)
+        self.top_act[candidates] = merged_act
 
 
 def logit_lens(sae: SAE, model, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
