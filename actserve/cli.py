@@ -151,6 +151,21 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_features(args) -> int:
+    from actserve.clients.features import FeatureOptions, build_feature_browser
+
+    opts = FeatureOptions(
+        saes=tuple(args.sae), cache=args.cache, out=args.out, server=args.server,
+        storage_options=parse_json_object(args.storage_options, "--storage-options"),
+        max_tokens=args.max_tokens, top=args.top, left=args.left, right=args.right,
+        batch_sequences=args.batch_sequences, exclude_bos=not args.include_bos, device=args.device,
+    )
+    index = build_feature_browser(opts, progress=not args.quiet)
+    print(f"feature browser: {index}")
+    print(f"per SAE, in {args.out}/<SAE>/: top_activations.parquet, features.parquet, summary.json, index.html")
+    return 0
+
+
 def cmd_sweep(args) -> int:
     from actserve.clients.sweep import run_sweep
     from actserve.clients.sweep_spec import load_sweep
@@ -363,6 +378,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "features", help="feature browser: what each SAE feature fires on in the eval split",
+        description="Encode the cache's eval split with each SAE (no model forward: the activations are cached) "
+                    "and keep, in one pass with bounded memory, every feature's firing density, max activation, "
+                    "top-K activating tokens with their context, a histogram of its activations and, for "
+                    "residual-stream hooks, the tokens its decoder direction promotes and suppresses (logit lens). "
+                    "Writes top_activations.parquet, features.parquet and a static HTML browser (OUT/index.html) "
+                    "that opens from the file system.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--sae", action="append", required=True, help="SAE directory (SAELens layout; repeatable)")
+    p.add_argument("--cache", required=True, help="cache URL (the manifest is read from it)")
+    p.add_argument("--server", default=None,
+                   help="grpc:// location of a server of the cache: stream the eval split from it instead of reading shards")
+    p.add_argument("--out", required=True, help="output directory (replaced as a whole when the run ends)")
+    p.add_argument("--storage-options", default="{}", help="JSON of fsspec options")
+    p.add_argument("--max-tokens", type=int, default=None, help="eval tokens to use (default: the whole eval split)")
+    p.add_argument("--top", type=int, default=20, help="top activating examples kept per feature")
+    p.add_argument("--left", type=int, default=8, help="context tokens shown before each example")
+    p.add_argument("--right", type=int, default=4, help="context tokens shown after each example")
+    p.add_argument("--batch-sequences", type=int, default=8)
+    p.add_argument("--include-bos", action="store_true", help="count the BOS position too")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_features)
 
     p = sub.add_parser("sweep", help="train a grid of SAEs concurrently on Ray, then evaluate them",
                        description=sweep_spec.__doc__,  # the sweep file's format

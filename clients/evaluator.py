@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from google.protobuf import json_format
 from tqdm import tqdm
 
+from actserve.clients.frontier import plot_frontier
 from actserve.clients.stream import ActivationStream
 from actserve.clients.tables import markdown_table
 from actserve.sae import SAE, load_sae
@@ -221,4 +222,5 @@ def write_report(opts: EvalOptions, scores: list[SAEScore]) -> list[dict]:
         results.append(r)
     (out / "eval.json").write_text(json.dumps({"cache": opts.cache, "exclude_bos": opts.exclude_bos, "results": results}, indent=1))
     (out / "eval.md").write_text(eval_table(results))
+    plot_frontier(results, out / "frontier.png")  # with two or more SAEs
     return results

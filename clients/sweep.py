@@ -12,6 +12,7 @@ import ray
 from tqdm import tqdm
 
 from actserve.clients.evaluator import EvalOptions, evaluate
+from actserve.clients.frontier import plot_frontier
 from actserve.clients.sweep_spec import SweepSpec, sweep_points
 from actserve.clients.tables import markdown_table
 from actserve.clients.trainer import train_from_server
@@ -83,4 +84,5 @@ def write_table(spec: SweepSpec, results: list[dict]) -> None:
         writer.writerows(results)
     (out / "results.md").write_text(markdown_table(results, [(c, c, None) for c in RESULT_COLUMNS[:-1]]))
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    plot_frontier([r for r in results if r["status"] == "ok"], out / "frontier.png")  # with two or more scored points
 
