@@ -248,11 +248,15 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--local-cache-gb", type=float, default=ServeOptions.local_cache_gb,
                    help="size bound of --local-cache-dir (LRU eviction); 0 reads remote shards directly")
     p.add_argument("--max-batch-size", type=int, default=ServeOptions.max_batch_size, help="largest batch_size accepted, tokens")
-    p.add_argument("--block-shards", type=int, default=ServeOptions.block_shards, help="default shuffle block, in shards")
+    p.add_argument("--buffer-tokens", type=int, default=ServeOptions.buffer_tokens,
+                   help="default shuffle buffer, tokens (>= 5 x batch x context for 0.9 of a global shuffle's "
+                        "distinct sequences per batch); lowered per request to what --stream-memory-gb allows")
+    p.add_argument("--max-buffer-tokens", type=int, default=ServeOptions.max_buffer_tokens,
+                   help="largest buffer_tokens a request may ask for")
     p.add_argument("--memory-budget-gb", type=float, default=ServeOptions.memory_budget_gb,
-                   help="block memory all streams together may hold; a stream beyond it is refused (RESOURCE_EXHAUSTED)")
+                   help="shuffle-buffer memory all streams together may hold; a stream beyond it is refused (RESOURCE_EXHAUSTED)")
     p.add_argument("--stream-memory-gb", type=float, default=ServeOptions.stream_memory_gb,
-                   help="block memory one stream may hold; a request needing more is refused")
+                   help="shuffle-buffer memory one stream may hold; a request needing more is refused")
     p.add_argument("--max-streams", type=int, default=ServeOptions.max_streams, help="concurrent streams allowed")
     p.add_argument("--stream-idle-timeout", type=float, default=ServeOptions.stream_idle_timeout,
                    help="seconds a stream may wait for its client to read before the server ends it")
@@ -271,7 +275,8 @@ def options_from_args(args: argparse.Namespace) -> ServeOptions:
         caches=tuple(args.cache), host=args.host, port=args.port, servers=args.servers, token_env=args.token_env,
         insecure=args.insecure, tls_cert=args.tls_cert, tls_key=args.tls_key, storage_options=storage_options,
         local_cache_dir=args.local_cache_dir, local_cache_gb=args.local_cache_gb,
-        max_batch_size=args.max_batch_size, block_shards=args.block_shards, peers=tuple(args.peer),
+        max_batch_size=args.max_batch_size, buffer_tokens=args.buffer_tokens,
+        max_buffer_tokens=args.max_buffer_tokens, peers=tuple(args.peer),
         memory_budget_gb=args.memory_budget_gb, stream_memory_gb=args.stream_memory_gb, max_streams=args.max_streams,
         stream_idle_timeout=args.stream_idle_timeout, expose_urls=args.expose_urls, debug=args.debug,
         ray_address=args.ray_address,

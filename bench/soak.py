@@ -48,7 +48,7 @@ def main() -> None:
 
     def ticket(seed, start=0):
         return flight.Ticket(StreamRequest(cache="soak", batch_size=1024, seed=seed, include_meta=True,
-                                           block_shards=2, start=start).SerializeToString())
+                                           buffer_tokens=2 * SPEC.sequences_per_shard * SPEC.context_size, start=start).SerializeToString())
 
     def epoch(seed: int, cancel_every: int | None) -> None:
         client = flight.connect(location)

@@ -34,6 +34,7 @@ from actserve.testing import SyntheticSpec, write_synthetic_cache
 
 HOOKS = tuple(f"blocks.{i}.hook_resid_pre" for i in (2, 5, 8, 11))
 BATCH = 4096
+BUFFER_TOKENS = 0  # shuffle buffer of every stream (main sets it: a quarter of the split unless --buffer-tokens)
 
 
 def ensure_cache(directory: Path, shards: int) -> tuple[str, int]:
@@ -65,7 +66,7 @@ def time_stream(location: str, seed: int = 0, device: str = "cpu") -> float:
     start = time.perf_counter()
     tokens = 0
     for batch in ActivationStream(location, cache="gpt2-small-synthetic", batch_size=BATCH, seed=seed, dtype=None,
-                                  drop_bos=False, device=device):
+                                  drop_bos=False, device=device, buffer_tokens=BUFFER_TOKENS):
         tokens += len(batch[HOOKS[0]])
     if device != "cpu":
         torch.cuda.synchronize()
@@ -74,7 +75,7 @@ def time_stream(location: str, seed: int = 0, device: str = "cpu") -> float:
 
 def time_raw_flight(location: str) -> float:
     """Seconds for the same epoch read by a bare pyarrow.flight client: the server's share."""
-    request = StreamRequest(cache="gpt2-small-synthetic", batch_size=BATCH)
+    request = StreamRequest(cache="gpt2-small-synthetic", batch_size=BATCH, buffer_tokens=BUFFER_TOKENS)
     start = time.perf_counter()
     for _ in flight.connect(location).do_get(flight.Ticket(request.SerializeToString())):
         pass
@@ -119,7 +120,9 @@ def transport_ceiling(tokens: int, repeat: int) -> float:
         proc.kill()
 
 
-def stream_worker(location: str, seed: int, start_at: float, out: mp.Queue) -> None:
+def stream_worker(location: str, seed: int, start_at: float, buffer_tokens: int, out: mp.Queue) -> None:
+    global BUFFER_TOKENS
+    BUFFER_TOKENS = buffer_tokens
     time.sleep(max(0.0, start_at - time.time()))
     out.put(time_stream(location, seed))
 
@@ -129,7 +132,7 @@ def time_concurrent(location: str, n: int) -> float:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     start_at = time.time() + 3.0  # every process imported and waiting
-    procs = [ctx.Process(target=stream_worker, args=(location, seed, start_at, out)) for seed in range(n)]
+    procs = [ctx.Process(target=stream_worker, args=(location, seed, start_at, BUFFER_TOKENS, out)) for seed in range(n)]
     for p in procs:
         p.start()
     durations = [out.get() for _ in procs]
@@ -170,12 +173,17 @@ def main() -> None:
     parser.add_argument("--dir", default="/tmp/actserve-bench")
     parser.add_argument("--shards", type=int, default=12, help="31.5 MB shards of 5120 tokens")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each measurement; medians are shown")
+    parser.add_argument("--buffer-tokens", type=int, default=0,
+                        help="shuffle buffer of the streams; 0: a quarter of the split, so that reading the next "
+                             "buffer overlaps sending this one as in a split of many buffers")
     args = parser.parse_args()
 
+    global BUFFER_TOKENS
     url, tokens = ensure_cache(Path(args.dir), args.shards)
+    BUFFER_TOKENS = args.buffer_tokens or tokens // 4
     gb = tokens * row_bytes() / 1e9
     print(f"cache {url}: {tokens:,} tokens, {len(HOOKS)} hooks x d_model 768 float16, {gb:.2f} GB of activations;"
-          f" batch {BATCH}; {torch.get_num_threads()} CPU threads; median of {args.repeat}")
+          f" batch {BATCH}; buffer {BUFFER_TOKENS:,} tokens; {torch.get_num_threads()} CPU threads; median of {args.repeat}")
     proc, location = spawn_server(ServeOptions(caches=(url,), local_cache_gb=0))
     try:
         time_pyarrow(url)  # warm the page cache for both sides

@@ -35,7 +35,7 @@ from actserve.services.shard_format import META_COLUMNS, decode_activations
 MODES = {"shuffled": StreamRequest.SHUFFLED_TOKENS, "sequences": StreamRequest.SEQUENCES}
 META_DTYPES = {"sequence": torch.int64, "position": torch.int32, "token": torch.int32}
 # what resume must keep equal: these decide the order (hooks and batch_size do not)
-ORDER_FIELDS = ("cache", "split", "seed", "consumer_index", "num_consumers", "drop_bos", "mode", "block_shards")
+ORDER_FIELDS = ("cache", "split", "seed", "consumer_index", "num_consumers", "drop_bos", "mode", "buffer_tokens")
 _END = object()
 
 # Tensors view Arrow's receive buffers, which are read-only: that is the point (no copy). Treat
@@ -87,7 +87,7 @@ class StreamOptions:
     drop_bos: bool = True
     include_meta: bool = False              # also `sequence`, `position`, `token` tensors
     mode: str = "shuffled"                  # or "sequences": whole sequences in order (evaluators)
-    block_shards: int = 0                   # shuffle block in shards; 0: the server's default
+    buffer_tokens: int = 0                  # shuffle buffer in tokens; 0: the server's default (proto/stream.proto)
     follow: bool = False                    # stream a cache still being built (proto/stream.proto)
     prefetch: int = 4                       # batches read ahead
     token: str | None = None                # bearer token, for a server started with one
@@ -115,7 +115,7 @@ class StreamOptions:
         return StreamRequest(
             cache=self.cache, split=self.split, hooks=list(self.hooks), batch_size=self.batch_size, seed=self.seed,
             consumer_index=self.consumer_index, num_consumers=self.num_consumers, include_meta=self.include_meta,
-            drop_bos=self.drop_bos, mode=MODES[self.mode], block_shards=self.block_shards, follow=self.follow,
+            drop_bos=self.drop_bos, mode=MODES[self.mode], buffer_tokens=self.buffer_tokens, follow=self.follow,
         )
 
 
@@ -169,7 +169,7 @@ class ActivationStream:
         return ServerStats.FromString(result.body.to_pybytes())
 
     def resolved_request(self) -> StreamRequest:
-        """The request with the server's defaults filled in (block_shards, hooks...), fetched once."""
+        """The request with the server's defaults filled in (buffer_tokens, hooks...), fetched once."""
         if self._base is None:
             self._flight_info(self.options.request())
         return self._base
@@ -186,11 +186,14 @@ class ActivationStream:
         if self._reader is not None:
             raise RuntimeError("load_state_dict before iterating, not during")
         request = self.resolved_request()
-        explicit = [n for n in ORDER_FIELDS if n != "block_shards" or self.options.block_shards]
+        explicit = [n for n in ORDER_FIELDS if n != "buffer_tokens" or self.options.buffer_tokens]
+        if "buffer_tokens" not in state:
+            raise ValueError("the saved stream has no buffer_tokens: it was read in whole-shard blocks, an order this "
+                             "server no longer serves; start the epoch again")
         different = [f"{n}: saved {state[n]!r}, now {getattr(request, n)!r}" for n in explicit if state[n] != getattr(request, n)]
         if different:
             raise ValueError("the saved stream had another order, it cannot resume here: " + "; ".join(different))
-        request.block_shards = state["block_shards"]  # the order it was saved with, whatever the server's default now
+        request.buffer_tokens = state["buffer_tokens"]  # the order it was saved with, whatever the server's default now
         self.epoch, self.position = state["epoch"], state["position"]
 
     # -- iteration --

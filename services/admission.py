@@ -1,15 +1,15 @@
-"""What one server lets its streams hold: at most `max_streams` at once, their blocks within one
+"""What one server lets its streams hold: at most `max_streams` at once, their buffers within one
 memory budget, and a stream whose client stops reading ended after an idle timeout.
 
 A stream reserves its whole footprint (StreamPlan.memory_bytes: the bytes of its requested columns
-in the blocks it can hold at once) when it starts and returns it when it ends, so the sum of
-reservations bounds the block memory of all streams together. A stream beyond a limit is refused
+in the shuffle buffers it can hold at once) when it starts and returns it when it ends, so the sum of
+reservations bounds the buffer memory of all streams together. A stream beyond a limit is refused
 at once with a RESOURCE_EXHAUSTED error naming the limit; nothing waits for memory.
 
 Idle means: the stream's generator sits at a `yield` (its batch handed to Flight) and Flight has
 not asked for the next one, because the client stopped reading and gRPC's flow control holds the
 writer. A stream still reading shards, or waiting for a build to commit, is not idle. The watchdog
-ends an idle stream by dropping its blocks (their memory is freed at once, whatever the writer
+ends an idle stream by dropping its buffers (their memory is freed at once, whatever the writer
 thread does) and returning its reservation; the client's next read fails with the reason.
 """
 from __future__ import annotations
@@ -28,22 +28,22 @@ def resource_exhausted(message: str) -> str:
 
 
 class StreamLease:
-    """One admitted stream: its reservation, the blocks it holds, and when it last waited for Flight."""
+    """One admitted stream: its reservation, the buffers it holds, and when it last waited for Flight."""
 
     def __init__(self, admission: Admission, memory_bytes: int):
         self.admission, self.memory_bytes = admission, memory_bytes
-        self.blocks: list = []          # objects with .release(reason), dropped when the stream ends
+        self.buffers: list = []         # objects with .release(reason), dropped when the stream ends
         self.waiting_since: float | None = None
         self.ended_reason: str | None = None
         self.lock = threading.Lock()
 
-    def hold(self, block):
-        """Track a block so that ending the stream frees it; returns it."""
+    def hold(self, buffer):
+        """Track a buffer so that ending the stream frees it; returns it."""
         with self.lock:
             if self.ended_reason is not None:
                 raise StreamEnded(self.ended_reason)
-            self.blocks = [b for b in self.blocks if not b.released] + [block]
-        return block
+            self.buffers = [b for b in self.buffers if not b.released] + [buffer]
+        return buffer
 
     def yielded(self) -> None:
         self.waiting_since = time.monotonic()
@@ -54,14 +54,14 @@ class StreamLease:
             raise StreamEnded(self.ended_reason)
 
     def end(self, reason: str | None = None) -> bool:
-        """Release the reservation and the blocks (once); False when it had already ended."""
+        """Release the reservation and the buffers (once); False when it had already ended."""
         with self.lock:
             if self.ended_reason is not None:
                 return False
             self.ended_reason = reason or "the stream ended"
-            blocks, self.blocks = self.blocks, []
-        for block in blocks:
-            block.release(self.ended_reason)
+            buffers, self.buffers = self.buffers, []
+        for buffer in buffers:
+            buffer.release(self.ended_reason)
         self.admission.release(self)
         return True
 
@@ -91,9 +91,9 @@ class Admission:
             if self.held + memory_bytes > self.memory_budget:
                 self.refused += 1
                 raise ResourceWarning(resource_exhausted(
-                    f"this stream needs {memory_bytes / 1e6:,.1f} MB of block memory and the streams running "
+                    f"this stream needs {memory_bytes / 1e6:,.1f} MB of buffer memory and the streams running "
                     f"hold {self.held / 1e6:,.1f} MB of this server's {self.memory_budget / 1e6:,.1f} MB "
-                    "(--memory-budget-gb); retry later, or ask for fewer hooks or block_shards"))
+                    "(--memory-budget-gb); retry later, or ask for fewer hooks or buffer_tokens"))
             lease = StreamLease(self, memory_bytes)
             self.leases.add(lease)
             self.active += 1

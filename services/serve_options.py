@@ -45,12 +45,15 @@ class ServeOptions:
     local_cache_dir: str = os.path.join(os.path.expanduser("~"), ".cache", "actserve", "shards")
     local_cache_gb: float = 20.0       # 0: read remote shards directly, no node-local copy
     max_batch_size: int = 65536        # tokens
-    block_shards: int = 4              # default shuffle block, in shards
-    max_block_shards: int = 64
+    # Default shuffle buffer: 5 x 16,384 x 128 tokens, so batches of up to 16,384 tokens at context
+    # 128 hold >= 0.9 of a global shuffle's distinct sequences (proto/stream.proto); a request
+    # leaving buffer_tokens 0 gets this, lowered to what --stream-memory-gb allows for its columns.
+    buffer_tokens: int = 5 * 16384 * 128
+    max_buffer_tokens: int = 1 << 30
     peers: tuple[str, ...] = ()        # more grpc:// locations serving the same caches
     # Resource bounds (defaults fit a 24 GB machine next to its page cache and other work):
-    memory_budget_gb: float = 8.0      # block memory of all streams together
-    stream_memory_gb: float = 1.0      # block memory of one stream (stream_plan.block_memory)
+    memory_budget_gb: float = 8.0      # buffer memory of all streams together
+    stream_memory_gb: float = 1.0      # buffer memory of one stream (stream_plan.buffer_memory)
     max_streams: int = 64              # concurrent streams
     stream_idle_timeout: float = 300.0 # seconds a stream may wait for its client to read
     expose_urls: bool = False          # list-caches and errors show the caches' storage URLs
@@ -72,8 +75,8 @@ class ServeOptions:
              f"--stream-memory-gb must be in (0, --memory-budget-gb {self.memory_budget_gb}], got {self.stream_memory_gb}"),
             (self.max_streams >= 1, f"--max-streams must be >= 1, got {self.max_streams}"),
             (self.stream_idle_timeout > 0, f"--stream-idle-timeout must be > 0, got {self.stream_idle_timeout}"),
-            (1 <= self.block_shards <= self.max_block_shards,
-             f"block_shards must be in 1..{self.max_block_shards}, got {self.block_shards}"),
+            (1 <= self.buffer_tokens <= self.max_buffer_tokens,
+             f"--buffer-tokens must be in 1..--max-buffer-tokens {self.max_buffer_tokens}, got {self.buffer_tokens}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -2,8 +2,8 @@
 once per epoch, to many trainers and evaluators (the wire contract is proto/stream.proto).
 
 A request travels: ticket -> `stream_plan.plan_stream` (validated against the manifest and this
-server's limits) -> `block_reader.stream_blocks` (blocks read on the stream's own thread, at most
-two in memory) -> `block_reader.cut_batches` -> Flight. A stream that fails (a corrupt or missing
+server's limits) -> `block_reader.stream_buffers` (shuffle buffers assembled on the stream's own
+thread, at most two in memory) -> `block_reader.cut_batches` -> Flight. A stream that fails (a corrupt or missing
 shard) ends with an error naming the shard; the other streams go on. Concurrency beyond one
 process comes from several server processes (`run_server.start_actors`), listed together as the
 locations of the endpoint that get_flight_info returns.
@@ -26,7 +26,7 @@ from google.protobuf.message import DecodeError
 from actserve import __version__
 from actserve.proto.stream_pb2 import CacheList, HealthResult, ListCachesRequest, ServerStats, UnavailableCache
 from actserve.services.admission import Admission, StreamEnded, StreamLease
-from actserve.services.block_reader import cut_batches, stream_blocks
+from actserve.services.block_reader import cut_batches, stream_buffers
 from actserve.services.serve_options import ServeOptions, parse_cache_spec
 from actserve.services.shard_cache import ShardCache
 from actserve.services.sources import CacheSource
@@ -117,7 +117,7 @@ class ActivationServer(flight.FlightServerBase):
                 self.unavailable[name] = self.client_text(e)
         if not self.caches:
             raise CacheError("no cache could be opened: " + "; ".join(f"{n}: {why}" for n, why in self.unavailable.items()))
-        self.limits = StreamLimits(options.max_batch_size, options.block_shards, options.max_block_shards,
+        self.limits = StreamLimits(options.max_batch_size, options.buffer_tokens, options.max_buffer_tokens,
                                    int(options.stream_memory_gb * GB))
         self.admission = Admission(int(options.memory_budget_gb * GB), options.max_streams, options.stream_idle_timeout)
         self.stats = StreamStats()
@@ -214,7 +214,7 @@ class ActivationServer(flight.FlightServerBase):
                           streams_timed_out=a.timed_out)
         cache = self.shard_cache
         return ServerStats(**counters, **memory, max_batch_size=self.options.max_batch_size,
-                           default_block_shards=self.options.block_shards,
+                           default_buffer_tokens=self.options.buffer_tokens, max_buffer_tokens=self.options.max_buffer_tokens,
                            shard_fetches=cache.fetches if cache else 0, shard_cache_hits=cache.hits if cache else 0,
                            memory_budget_bytes=a.memory_budget, stream_memory_budget_bytes=self.limits.stream_memory_bytes,
                            max_streams=a.max_streams, stream_idle_timeout_seconds=a.idle_timeout)
@@ -226,7 +226,7 @@ class ActivationServer(flight.FlightServerBase):
         ok = False
         try:
             with self.flight_errors():
-                for batch in cut_batches(stream_blocks(source, plan, context, lease.hold), plan.request.batch_size):
+                for batch in cut_batches(stream_buffers(source, plan, context, lease.hold), plan.request.batch_size):
                     self.stats.sent(batch.num_rows, plan.row_bytes)
                     lease.yielded()
                     yield batch

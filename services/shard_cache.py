@@ -47,8 +47,9 @@ class ShardCache:
         self._count_lock = threading.Lock()
         os.makedirs(self.directory, exist_ok=True)
 
-    def read(self, fs: fsspec.AbstractFileSystem, root: str, shard: Shard, columns: list[str]) -> pa.Table:
-        """The shard's columns, from the local copy (fetched first if needed)."""
+    def read(self, fs: fsspec.AbstractFileSystem, root: str, shard: Shard, columns: list[str],
+             row_groups: list[int] | None = None, group_rows: int = 0) -> pa.Table:
+        """The shard's columns (of `row_groups` only, when given), from the local copy (fetched first if needed)."""
         self._check_inside(shard)
         remote = f"{root}/{shard.path}"
         try:
@@ -72,7 +73,7 @@ class ShardCache:
                     if not fetched:
                         with self._count_lock:
                             self.hits += 1
-                    return self._read_local(entry, local, shard, columns)
+                    return self._read_local(entry, local, shard, columns, row_groups, group_rows)
             with self._locked(f"{entry}.lock", fcntl.LOCK_EX):
                 if not os.path.exists(local):  # another process may have fetched it meanwhile
                     self._fetch(fs, remote, local, shard)
@@ -90,9 +91,10 @@ class ShardCache:
         if os.path.isabs(shard.path) or os.path.commonpath([probe, local]) != probe or local == probe:
             raise CacheError(f"shard path {shard.path!r} would leave the local shard cache {self.directory}")
 
-    def _read_local(self, entry: str, local: str, shard: Shard, columns: list[str]) -> pa.Table:
+    def _read_local(self, entry: str, local: str, shard: Shard, columns: list[str],
+                    row_groups: list[int] | None, group_rows: int) -> pa.Table:
         try:
-            return read_shard(self.local_fs, entry, shard, columns)
+            return read_shard(self.local_fs, entry, shard, columns, row_groups, group_rows)
         except CacheError:
             os.remove(local)  # a damaged copy: fetch it again next time rather than keep failing
             raise

@@ -2,39 +2,52 @@
 the manifest, so any server process computes the same order and a cursor (rows consumed) is all a
 client needs to resume.
 
-Shuffled-token mode, in the style of MosaicML Streaming's block shuffles:
-  1. `shard_order`: the split's shards in a random order drawn from (seed, epoch);
-  2. consecutive shards of that order form blocks of `block_shards` shards (the last may be smaller);
-  3. `block_permutation`: the block's rows (BOS rows left out when drop_bos) permuted at random,
-     drawn from (seed, epoch, block index);
+The unit of reading is a PIECE: one row group of one shard (shards are written with row groups of
+`group_rows` rows, whole sequences; the last row group of a shard may be smaller). Reading the
+requested columns of a piece reads only those column chunks.
+
+Shuffled-token mode:
+  1. `piece_order`: every piece of the split (shard by shard, row group by row group) in a random
+     order drawn from (seed, epoch);
+  2. consecutive pieces of that order form BUFFERS: a buffer takes pieces until it holds at least
+     `buffer_tokens` kept rows (the last buffer of the epoch may hold fewer);
+  3. `buffer_permutation`: the buffer's rows (BOS rows left out when drop_bos) permuted at random,
+     drawn from (seed, epoch, buffer index);
   4. `consumer_slice`: the permuted rows are cut into num_consumers contiguous near-equal slices;
-     consumer c reads slice c of every block, block after block.
-Consumers are therefore disjoint and together read the whole epoch, and a reader holds one block
-(plus the next one, prefetched). A cursor maps to (block, offset in that block's slice), so a
-resume re-reads at most one block.
+     consumer c reads slice c of every buffer, buffer after buffer.
+Consumers are therefore disjoint and together read the whole epoch. A cursor maps to (buffer,
+offset in that buffer's slice), so a resume re-reads at most one buffer.
+
+Mixing: a buffer holds S = kept rows / rows per sequence sequences drawn from all over the split,
+so a batch of b rows has about `expected_distinct(S, b)` distinct sequences, as a batch of a
+uniform global shuffle has `expected_distinct(split sequences, b)`; the ratio is >= 0.9 once
+S >= 5 b, i.e. buffer_tokens >= 5 * b * rows per sequence. It depends neither on the shard size
+nor on how many hooks a shard holds.
 
 Whole-sequence mode: the split's sequences in cache order, unshuffled; consumer c reads the c-th of
-num_consumers contiguous near-equal ranges of whole sequences. Blocks are then just groups of
-block_shards consecutive shards, read in order.
+num_consumers contiguous near-equal ranges of whole sequences. Buffers are then runs of consecutive
+pieces, read in order.
 
-Follow mode (a cache still being built): shards not committed yet cannot be shuffled, so blocks are
-groups of block_shards shards in COMMIT order, formed once all their shards are committed (the last,
-smaller block once the manifest is complete); rows are still permuted within each block and sliced
-among consumers. The order is the same whether the build has finished or not, so cursors stay valid
-while the cache grows.
+Follow mode (a cache still being built): pieces of shards not committed yet cannot be shuffled, so
+buffers are formed from the pieces of committed shards in COMMIT order, once they hold
+buffer_tokens (the last, smaller buffer once the manifest is complete); rows are still permuted
+within each buffer and sliced among consumers. The order is the same whether the build has
+finished or not, so cursors stay valid while the cache grows.
 
 Every shard holds whole sequences of exactly context_size rows in sequence order (manifest.proto),
-so the row at index i of a shard has position i % context_size: BOS rows are found by arithmetic,
+so the row at index i of a piece has position i % context_size: BOS rows are found by arithmetic,
 without reading the position column.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from actserve.proto.manifest_pb2 import Shard
+from actserve.services.shard_format import shard_groups
 from actserve.services.storage import CacheError
 
 
@@ -43,37 +56,44 @@ class Order:
     """What decides the order of one consumer's epoch, apart from the shards themselves."""
     seed: int
     epoch: int
-    block_shards: int
+    buffer_tokens: int            # kept rows a buffer takes pieces up to
     context_size: int
+    group_rows: int               # rows per row group of the cache's shards (a multiple of context_size)
     drop_bos: bool = False        # leave out position-0 rows (only pass True for prepend_bos caches)
     num_consumers: int = 1
     consumer_index: int = 0
     shuffle: bool = True          # False: whole-sequence mode
-    follow: bool = False          # blocks from shards in commit order
+    follow: bool = False          # buffers from committed shards' pieces in commit order
 
     def __post_init__(self):
-        if self.block_shards < 1:
-            raise ValueError(f"block_shards must be >= 1, got {self.block_shards}")
+        if self.buffer_tokens < 1:
+            raise ValueError(f"buffer_tokens must be >= 1, got {self.buffer_tokens}")
         if self.num_consumers < 1 or not 0 <= self.consumer_index < self.num_consumers:
             raise ValueError(f"consumer_index must be in 0..{self.num_consumers - 1}, got {self.consumer_index}")
         if self.context_size < 1 + self.drop_bos:
             raise ValueError(f"context_size {self.context_size} leaves no rows")
+        if self.group_rows < 1 or self.group_rows % self.context_size:
+            raise ValueError(f"group_rows {self.group_rows} is not a whole number of sequences of {self.context_size}")
 
     @property
     def rows_per_sequence(self) -> int:
         return self.context_size - self.drop_bos
 
 
-@dataclass(frozen=True)
-class Block:
-    """One block of the epoch, and this consumer's part of it.
+Piece = tuple[int, int]  # (index into the split's shard list, row group of that shard)
 
-    Its rows are the kept rows (BOS dropped or not) of `shards`, concatenated in that order; the
+
+@dataclass(frozen=True)
+class Buffer:
+    """One buffer of the epoch, and this consumer's part of it.
+
+    Its rows are the kept rows (BOS dropped or not) of `pieces`, concatenated in that order; the
     consumer reads rows `row_indices(...)`, which index the FULL concatenation (BOS rows included),
-    i.e. what reading the shards gives."""
-    index: int                    # position in the epoch's block order; seeds the permutation
-    shards: tuple[int, ...]       # indices into the split's shard list, in read order
-    kept_rows: int                # rows of the block after dropping BOS
+    i.e. what reading the pieces gives."""
+    index: int                    # position in the epoch's buffer order; seeds the permutation
+    pieces: tuple[Piece, ...]     # in concatenation order
+    piece_rows: tuple[int, ...]   # rows of each piece (BOS included)
+    kept_rows: int                # rows of the buffer after dropping BOS
     lo: int                       # this consumer's slice of the (permuted) kept rows
     hi: int
 
@@ -86,13 +106,13 @@ def rng(*key: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence(list(key))))
 
 
-def shard_order(seed: int, epoch: int, num_shards: int) -> np.ndarray:
-    return rng(seed, epoch).permutation(num_shards)
+def piece_order(seed: int, epoch: int, num_pieces: int) -> np.ndarray:
+    return rng(seed, epoch).permutation(num_pieces)
 
 
-def block_permutation(seed: int, epoch: int, block_index: int, num_rows: int) -> np.ndarray:
-    # a third key word keeps block streams apart from shard_order's (seed, epoch) stream
-    return rng(seed, epoch, 1, block_index).permutation(num_rows)
+def buffer_permutation(seed: int, epoch: int, buffer_index: int, num_rows: int) -> np.ndarray:
+    # a third key word keeps buffer streams apart from piece_order's (seed, epoch) stream
+    return rng(seed, epoch, 1, buffer_index).permutation(num_rows)
 
 
 def consumer_slice(num_rows: int, num_consumers: int, consumer_index: int) -> tuple[int, int]:
@@ -104,6 +124,14 @@ def kept_rows(num_rows: int, order: Order) -> int:
     return num_rows // order.context_size * order.rows_per_sequence
 
 
+def expected_distinct(sequences: int, batch: int) -> float:
+    """E[distinct sequences] in a batch of `batch` rows drawn uniformly from `sequences` sequences
+    of equal length: S * (1 - (1 - 1/S)^b)."""
+    if sequences <= 1:
+        return float(min(sequences, batch))
+    return -sequences * math.expm1(batch * math.log1p(-1 / sequences))
+
+
 def check_shards(shards: Sequence[Shard], context_size: int) -> None:
     for s in shards:
         if s.num_rows != s.num_sequences * context_size:
@@ -113,66 +141,87 @@ def check_shards(shards: Sequence[Shard], context_size: int) -> None:
             )
 
 
-def epoch_blocks(shards: Sequence[Shard], order: Order, complete: bool = True) -> list[Block]:
-    """The consumer's blocks of the epoch, in reading order, that the committed `shards` allow.
+def split_pieces(shards: Sequence[Shard], group_rows: int) -> tuple[list[Piece], list[int]]:
+    """Every piece of the split in shard order, and the rows of each."""
+    pieces, rows = [], []
+    for i, shard in enumerate(shards):
+        for g, n in enumerate(shard_groups(shard.num_rows, group_rows)):
+            pieces.append((i, g))
+            rows.append(n)
+    return pieces, rows
 
-    complete=False (follow mode on a cache still being built) leaves out a trailing group of fewer
-    than block_shards shards: more shards will join it."""
+
+def group_pieces(ids: np.ndarray, rows: list[int], order: Order, complete: bool) -> list[list[int]]:
+    """Runs of consecutive pieces (ids in order) of at least buffer_tokens kept rows; the last run
+    is kept short only when the epoch is complete."""
+    runs, run, held = [], [], 0
+    for i in ids:
+        run.append(int(i))
+        held += kept_rows(rows[i], order)
+        if held >= order.buffer_tokens:
+            runs.append(run)
+            run, held = [], 0
+    if run and complete:
+        runs.append(run)
+    return runs
+
+
+def epoch_buffers(shards: Sequence[Shard], order: Order, complete: bool = True) -> list[Buffer]:
+    """The consumer's buffers of the epoch, in reading order, that the committed `shards` allow.
+
+    complete=False (follow mode on a cache still being built) leaves out a trailing run of pieces
+    holding fewer than buffer_tokens rows: more pieces will join it."""
     check_shards(shards, order.context_size)
+    pieces, rows = split_pieces(shards, order.group_rows)
     if not order.shuffle:
-        return sequence_blocks(shards, order)
-    n = len(shards)
-    ids = np.arange(n) if order.follow else shard_order(order.seed, order.epoch, n)
-    groups = [tuple(int(i) for i in ids[k:k + order.block_shards]) for k in range(0, n, order.block_shards)]
-    if not complete and groups and len(groups[-1]) < order.block_shards:
-        groups.pop()
-    blocks = []
-    for index, group in enumerate(groups):
-        rows = sum(kept_rows(shards[i].num_rows, order) for i in group)
-        lo, hi = consumer_slice(rows, order.num_consumers, order.consumer_index)
-        blocks.append(Block(index, group, rows, lo, hi))
-    return blocks
+        return sequence_buffers(pieces, rows, order)
+    ids = np.arange(len(pieces)) if order.follow else piece_order(order.seed, order.epoch, len(pieces))
+    buffers = []
+    for index, run in enumerate(group_pieces(ids, rows, order, complete)):
+        kept = sum(kept_rows(rows[i], order) for i in run)
+        lo, hi = consumer_slice(kept, order.num_consumers, order.consumer_index)
+        buffers.append(Buffer(index, tuple(pieces[i] for i in run), tuple(rows[i] for i in run), kept, lo, hi))
+    return buffers
 
 
-def sequence_blocks(shards: Sequence[Shard], order: Order) -> list[Block]:
-    """Whole-sequence mode: the consumer's range of sequences, cut at block boundaries."""
-    total_sequences = sum(s.num_sequences for s in shards)
-    first, last = consumer_slice(total_sequences, order.num_consumers, order.consumer_index)
-    blocks, seq = [], 0
-    for k in range(0, len(shards), order.block_shards):
-        group = tuple(range(k, min(k + order.block_shards, len(shards))))
-        sequences = sum(shards[i].num_sequences for i in group)
+def sequence_buffers(pieces: list[Piece], rows: list[int], order: Order) -> list[Buffer]:
+    """Whole-sequence mode: the consumer's range of sequences, cut at buffer boundaries."""
+    ctx, rps = order.context_size, order.rows_per_sequence
+    first, last = consumer_slice(sum(rows) // ctx, order.num_consumers, order.consumer_index)
+    buffers, seq = [], 0
+    for run in group_pieces(np.arange(len(pieces)), rows, order, complete=True):
+        sequences = sum(rows[i] for i in run) // ctx
         lo, hi = max(first, seq) - seq, min(last, seq + sequences) - seq
         if lo < hi:
-            rps = order.rows_per_sequence
-            blocks.append(Block(len(blocks), group, sequences * rps, lo * rps, hi * rps))
+            buffers.append(Buffer(len(buffers), tuple(pieces[i] for i in run), tuple(rows[i] for i in run),
+                                  sequences * rps, lo * rps, hi * rps))
         seq += sequences
-    return blocks
+    return buffers
 
 
-def row_indices(block: Block, order: Order) -> np.ndarray:
-    """Indices, into the concatenated rows of the block's shards, of the rows this consumer reads,
+def row_indices(buffer: Buffer, order: Order) -> np.ndarray:
+    """Indices, into the concatenated rows of the buffer's pieces, of the rows this consumer reads,
     in reading order."""
     if order.shuffle:
-        rows = block_permutation(order.seed, order.epoch, block.index, block.kept_rows)[block.lo:block.hi]
+        rows = buffer_permutation(order.seed, order.epoch, buffer.index, buffer.kept_rows)[buffer.lo:buffer.hi]
     else:
-        rows = np.arange(block.lo, block.hi)
+        rows = np.arange(buffer.lo, buffer.hi)
     if order.drop_bos:  # kept row k is row k + k // (ctx - 1) + 1 of the full concatenation
         rows = rows + rows // order.rows_per_sequence + 1
     return rows
 
 
-def locate(blocks: Sequence[Block], start: int) -> tuple[int, int]:
-    """(block number in `blocks`, offset in its slice) of the consumer's row `start`.
+def locate(buffers: Sequence[Buffer], start: int) -> tuple[int, int]:
+    """(buffer number in `buffers`, offset in its slice) of the consumer's row `start`.
 
-    A cursor at or past the end of `blocks` gives (len(blocks), rows past the end): an error for a
-    complete epoch, a wait for blocks still to come in follow mode."""
-    for i, block in enumerate(blocks):
-        if start < block.num_rows:
+    A cursor at or past the end of `buffers` gives (len(buffers), rows past the end): an error for a
+    complete epoch, a wait for buffers still to come in follow mode."""
+    for i, buffer in enumerate(buffers):
+        if start < buffer.num_rows:
             return i, start
-        start -= block.num_rows
-    return len(blocks), start
+        start -= buffer.num_rows
+    return len(buffers), start
 
 
-def consumer_rows(blocks: Sequence[Block]) -> int:
-    return sum(b.num_rows for b in blocks)
+def consumer_rows(buffers: Sequence[Buffer]) -> int:
+    return sum(b.num_rows for b in buffers)

@@ -28,10 +28,11 @@ class CacheSource:
             self._manifest = read_manifest(self.url, self.storage_options) or self._manifest
         return self._manifest
 
-    def read(self, shard: Shard, columns: list[str]) -> pa.Table:
+    def read(self, shard: Shard, columns: list[str], row_groups: list[int] | None = None, group_rows: int = 0) -> pa.Table:
+        """The shard's columns; only `row_groups` (in that order) when given (shard_format.read_shard)."""
         if self.shard_cache is not None:
-            return self.shard_cache.read(self.fs, self.root, shard, columns)
-        return read_shard(self.fs, self.root, shard, columns)
+            return self.shard_cache.read(self.fs, self.root, shard, columns, row_groups, group_rows)
+        return read_shard(self.fs, self.root, shard, columns, row_groups, group_rows)
 
     def info(self) -> CacheInfo:
         return CacheInfo(name=self.name, url=self.url, manifest=self.manifest())

@@ -11,8 +11,9 @@ from google.protobuf.message import DecodeError
 from actserve.proto.manifest_pb2 import Manifest
 from actserve.proto.stream_pb2 import StreamRequest
 from actserve.services.manifest import SPLITS, split_complete
-from actserve.services.shard_format import META_COLUMNS, bytes_per_value, shard_schema
-from actserve.services.shuffle import Order, consumer_rows, epoch_blocks
+from actserve.services.shard_format import (META_COLUMNS, bytes_per_value, rows_per_row_group, shard_row_bytes,
+                                            shard_schema)
+from actserve.services.shuffle import Order, consumer_rows, epoch_buffers
 
 MODES = {StreamRequest.SHUFFLED_TOKENS: "SHUFFLED_TOKENS", StreamRequest.SEQUENCES: "SEQUENCES"}
 
@@ -21,9 +22,9 @@ MODES = {StreamRequest.SHUFFLED_TOKENS: "SHUFFLED_TOKENS", StreamRequest.SEQUENC
 class StreamLimits:
     """The server's bounds on what a request may ask for."""
     max_batch_size: int        # tokens
-    block_shards: int          # default shuffle block, in shards
-    max_block_shards: int
-    stream_memory_bytes: int   # the most one stream's blocks may hold (StreamPlan.memory_bytes)
+    buffer_tokens: int         # default shuffle buffer, in tokens (lowered to what stream_memory_bytes allows)
+    max_buffer_tokens: int
+    stream_memory_bytes: int   # the most one stream's buffers may hold (StreamPlan.memory_bytes)
 
 
 @dataclass(frozen=True)
@@ -36,22 +37,49 @@ class StreamPlan:
     d_model: int
     row_bytes: int             # bytes of one sent row
     consumer_rows: int | None  # rows of this consumer's epoch; None while a followed cache grows
-    memory_bytes: int          # server memory the stream's blocks take at most (block_memory)
+    memory_bytes: int          # server memory the stream's buffers take at most (buffer_memory)
 
 
-# Blocks a stream's memory holds at once: the one being sent, the next one (read ahead), and the
-# next one's shard tables while they are concatenated into its single table.
-BLOCKS_HELD = 3
+# Buffers a stream's memory holds at once: the one being sent and the next one, assembled on the
+# reader thread one shard's row groups at a time (plus those, at most one shard's columns).
+BUFFERS_HELD = 2
 
 
-def block_memory(manifest: Manifest, split_name: str, hooks: list[str], include_meta: bool, block_shards: int) -> int:
-    """Bytes of the requested columns (in the cache's dtype) in BLOCKS_HELD blocks of the split's
-    largest shards; a split still being built counts its planned shard size too."""
+def group_rows(manifest: Manifest) -> int:
+    """Rows per row group of the cache's shards (write_shard's layout)."""
     config = manifest.config
-    shard_rows = max([s.num_rows for s in getattr(manifest, split_name).shards]
-                     + [config.sequences_per_shard * config.context_size])
-    row_bytes = len(hooks) * manifest.d_model * bytes_per_value(config.dtype) + (16 if include_meta else 0)
-    return BLOCKS_HELD * block_shards * shard_rows * row_bytes
+    return rows_per_row_group(shard_row_bytes(len(config.hooks), manifest.d_model, config.dtype), config.context_size)
+
+
+def cached_row_bytes(manifest: Manifest, hooks: list[str], include_meta: bool) -> int:
+    """Bytes of one row of the requested columns, in the cache's dtype."""
+    return len(hooks) * manifest.d_model * bytes_per_value(manifest.config.dtype) + (16 if include_meta else 0)
+
+
+def largest_shard_rows(manifest: Manifest, split_name: str) -> int:
+    config = manifest.config
+    return max([s.num_rows for s in getattr(manifest, split_name).shards] + [config.sequences_per_shard * config.context_size])
+
+
+def largest_piece_rows(manifest: Manifest, split_name: str) -> int:
+    return min(group_rows(manifest), largest_shard_rows(manifest, split_name))
+
+
+def buffer_memory(manifest: Manifest, split_name: str, hooks: list[str], include_meta: bool,
+                  buffer_tokens: int, num_consumers: int) -> int:
+    """Bytes of the requested columns (in the cache's dtype) a stream holds at most: BUFFERS_HELD
+    of this consumer's slices of the largest buffer (buffer_tokens plus one piece), and one
+    shard's row groups being read into the next."""
+    slice_rows = -(-(buffer_tokens + largest_piece_rows(manifest, split_name)) // num_consumers)
+    row_bytes = cached_row_bytes(manifest, hooks, include_meta)
+    return (BUFFERS_HELD * slice_rows + largest_shard_rows(manifest, split_name)) * row_bytes
+
+
+def fitting_buffer_tokens(manifest: Manifest, split_name: str, hooks: list[str], include_meta: bool,
+                          num_consumers: int, memory_bytes: int) -> int:
+    """The largest buffer_tokens whose buffer_memory is within memory_bytes (0 if none is)."""
+    rows = memory_bytes // cached_row_bytes(manifest, hooks, include_meta) - largest_shard_rows(manifest, split_name)
+    return max(0, rows // BUFFERS_HELD * num_consumers - largest_piece_rows(manifest, split_name))
 
 
 def decode_request(raw: bytes) -> StreamRequest:
@@ -81,21 +109,26 @@ def plan_stream(request: StreamRequest, manifest: Manifest, cache_name: str, lim
     num_consumers = request.num_consumers or 1
     if request.consumer_index >= num_consumers:
         raise ValueError(f"consumer_index {request.consumer_index} is out of range for num_consumers {num_consumers}")
-    block_shards = request.block_shards or limits.block_shards
-    if block_shards > limits.max_block_shards:
-        raise ValueError(f"block_shards {block_shards} exceeds this server's limit of {limits.max_block_shards}")
-    memory = block_memory(manifest, split_name, hooks, request.include_meta, block_shards)
-    if memory > limits.stream_memory_bytes:
+    if request.buffer_tokens > limits.max_buffer_tokens:
+        raise ValueError(f"buffer_tokens {request.buffer_tokens:,} exceeds this server's limit of "
+                         f"{limits.max_buffer_tokens:,} (--max-buffer-tokens)")
+    fits = fitting_buffer_tokens(manifest, split_name, hooks, request.include_meta, num_consumers,
+                                 limits.stream_memory_bytes)
+    buffer_tokens = request.buffer_tokens or min(limits.buffer_tokens, fits)
+    memory = buffer_memory(manifest, split_name, hooks, request.include_meta, buffer_tokens, num_consumers)
+    if buffer_tokens < 1 or memory > limits.stream_memory_bytes:
         raise ValueError(
-            f"block_shards {block_shards} with {len(hooks)} hooks needs {memory / 1e6:,.1f} MB of server memory "
-            f"({BLOCKS_HELD} blocks held), over this server's per-stream limit of {limits.stream_memory_bytes / 1e6:,.1f} MB "
-            "(--stream-memory-gb): ask for fewer block_shards or hooks")
+            f"buffer_tokens {buffer_tokens:,} with {len(hooks)} hooks and {num_consumers} consumers needs "
+            f"{memory / 1e6:,.1f} MB of server memory ({BUFFERS_HELD} buffers held), over this server's per-stream "
+            f"limit of {limits.stream_memory_bytes / 1e6:,.1f} MB (--stream-memory-gb): ask for at most "
+            f"{fits:,} buffer_tokens, or fewer hooks")
     if not 1 <= request.batch_size <= limits.max_batch_size:
         raise ValueError(f"batch_size must be in 1..{limits.max_batch_size} tokens, got {request.batch_size}")
     if request.dtype not in ("", config.dtype, "float32"):
         raise ValueError(f"dtype {request.dtype!r} is not served; ask for '' (the cache's {config.dtype}) or 'float32'")
     order = Order(
-        seed=request.seed, epoch=request.epoch, block_shards=block_shards, context_size=config.context_size,
+        seed=request.seed, epoch=request.epoch, buffer_tokens=buffer_tokens, context_size=config.context_size,
+        group_rows=group_rows(manifest),
         drop_bos=request.drop_bos and config.prepend_bos, num_consumers=num_consumers,
         consumer_index=request.consumer_index, shuffle=request.mode == StreamRequest.SHUFFLED_TOKENS,
         follow=request.follow,
@@ -111,7 +144,7 @@ def plan_stream(request: StreamRequest, manifest: Manifest, cache_name: str, lim
     if split_done:
         if not split.shards:
             raise ValueError(f"the {split_name} split of cache {cache_name} is empty")
-        rows = consumer_rows(epoch_blocks(split.shards, order))
+        rows = consumer_rows(epoch_buffers(split.shards, order))
         if request.start > rows:
             raise ValueError(f"start {request.start} is past the end of this consumer's part of the epoch ({rows} tokens)")
 
@@ -121,8 +154,8 @@ def plan_stream(request: StreamRequest, manifest: Manifest, cache_name: str, lim
         schema = pa.schema([f for f in schema if f.name not in META_COLUMNS])
     resolved = StreamRequest()
     resolved.CopyFrom(request)
-    resolved.split, resolved.num_consumers, resolved.block_shards, resolved.dtype = (
-        split_name, num_consumers, block_shards, out_dtype)
+    resolved.split, resolved.num_consumers, resolved.buffer_tokens, resolved.dtype = (
+        split_name, num_consumers, buffer_tokens, out_dtype)
     resolved.ClearField("hooks")
     resolved.hooks.extend(hooks)
     row_bytes = sum(f.type.byte_width for f in schema)

@@ -28,7 +28,7 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(cache):
-    with running_server([cache[0]], block_shards=2) as server:
+    with running_server([cache[0]], buffer_tokens=2 * 128) as server:
         yield server
 
 

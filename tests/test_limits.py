@@ -7,14 +7,17 @@ import pyarrow.flight as flight
 import pytest
 
 from actserve.proto.stream_pb2 import CacheList, HealthResult, ServerStats, StreamRequest
-from actserve.services.stream_plan import BLOCKS_HELD
+from actserve.services.manifest import read_manifest
+from actserve.services.stream_plan import buffer_memory
+from actserve.services.serve_options import ServeOptions
 from actserve.testing import SyntheticSpec, write_synthetic_cache
 from streamkit import running_server, wait_until
 
-# 8 shards of 32 sequences x 16 tokens, 2 float32 hooks of d_model 256: 1 MiB of activations a shard
-SPEC = SyntheticSpec(d_model=256, context_size=16, sequences_per_shard=32, train_shards=8, eval_shards=1,
+# 48 shards of 32 sequences x 16 tokens, 2 float32 hooks of d_model 256: 1 MiB of activations a shard,
+# 48 MiB an epoch: more than gRPC buffers, so a stream whose client reads nothing stalls
+SPEC = SyntheticSpec(d_model=256, context_size=16, sequences_per_shard=32, train_shards=48, eval_shards=1,
                      dtype="float32")
-SHARD_BYTES = 32 * 16 * 2 * 256 * 4
+SHARD_ROWS = 32 * 16
 MB = 10**6
 
 
@@ -26,7 +29,7 @@ def cache(tmp_path_factory):
 
 
 def ticket(**fields) -> flight.Ticket:
-    return flight.Ticket(StreamRequest(**{"cache": "tiny", "batch_size": 64, "block_shards": 1, **fields}).SerializeToString())
+    return flight.Ticket(StreamRequest(**{"cache": "tiny", "batch_size": 64, "buffer_tokens": SHARD_ROWS, **fields}).SerializeToString())
 
 
 def stats(location: str) -> ServerStats:
@@ -35,7 +38,8 @@ def stats(location: str) -> ServerStats:
 
 
 def test_stalled_streams_stay_within_the_memory_budget(cache):
-    budget_gb = 10 * BLOCKS_HELD * SHARD_BYTES / 1e9  # room for 10 streams of 1-shard blocks
+    stream_bytes = buffer_memory(read_manifest(cache), "train", list(SPEC.hooks), False, SHARD_ROWS, 1)
+    budget_gb = 10 * stream_bytes / 1e9  # room for 10 streams of one-shard buffers
     with running_server([cache], memory_budget_gb=budget_gb, stream_memory_gb=budget_gb) as server:
         client = flight.connect(server.location)
         readers, refused = [], []
@@ -55,12 +59,22 @@ def test_stalled_streams_stay_within_the_memory_budget(cache):
         wait_until(lambda: stats(server.location).memory_held_bytes == 0, what="memory given back")
 
 
-def test_largest_block_is_refused_up_front(cache):
+def test_a_buffer_over_the_stream_memory_is_refused_up_front(cache):
     with running_server([cache], stream_memory_gb=0.01) as server:
-        with pytest.raises(pa.ArrowInvalid, match=r"block_shards 8 with 2 hooks needs .* over this server's "
-                                                  r"per-stream limit of 10.0 MB \(--stream-memory-gb\)"):
-            flight.connect(server.location).do_get(ticket(block_shards=8)).read_all()
-        assert flight.connect(server.location).do_get(ticket(hooks=[SPEC.hooks[0]])).read_all().num_rows > 0
+        client = flight.connect(server.location)
+        with pytest.raises(pa.ArrowInvalid, match=r"buffer_tokens 4,096 with 2 hooks and 1 consumers needs .* over this "
+                                                  r"server's per-stream limit of 10.0 MB \(--stream-memory-gb\): ask for "
+                                                  r"at most [\d,]+ buffer_tokens"):
+            client.do_get(ticket(buffer_tokens=8 * SHARD_ROWS)).read_all()
+        assert client.do_get(ticket(hooks=[SPEC.hooks[0]])).read_all().num_rows > 0
+        # the default buffer is lowered to what the stream's columns fit in, and the ticket says so
+        info = client.get_flight_info(flight.FlightDescriptor.for_command(
+            StreamRequest(cache="tiny", batch_size=64).SerializeToString()))
+        resolved = StreamRequest.FromString(info.endpoints[0].ticket.ticket)
+        manifest = read_manifest(cache)
+        assert 0 < resolved.buffer_tokens < ServeOptions.buffer_tokens
+        assert buffer_memory(manifest, "train", list(SPEC.hooks), False, resolved.buffer_tokens, 1) <= 0.01e9
+        assert buffer_memory(manifest, "train", list(SPEC.hooks), False, resolved.buffer_tokens + 2, 1) > 0.01e9
 
 
 def test_stream_limit(cache):

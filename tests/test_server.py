@@ -23,6 +23,7 @@ from actserve.services.storage import open_url
 from actserve.services.serve_options import ServeOptions, is_loopback
 from actserve.cli import add_serve_parser, options_from_args
 from actserve.services.shard_cache import ShardCache
+from actserve.services.shuffle import expected_distinct
 from actserve.testing import SyntheticCache, SyntheticSpec, read_split, write_synthetic_cache
 from streamkit import read_table, row_keys, running_server, wait_until
 
@@ -164,7 +165,8 @@ def test_actions(server, cache):
     ({"start": 10_000}, "past the end of this consumer's part of the epoch"),
     ({"mode": StreamRequest.SEQUENCES, "batch_size": 10}, "multiple of 8"),
     ({"mode": 7}, "unknown mode 7"),
-    ({"block_shards": 65}, "block_shards 65 exceeds"),
+    ({"buffer_tokens": 2**30 + 1}, r"buffer_tokens 1,073,741,825 exceeds this server's limit of 1,073,741,824 "
+                                   r"\(--max-buffer-tokens\)"),
 ])
 def test_bad_requests_are_refused_clearly(server, fields, message):
     client = flight.connect(server.location)
@@ -236,7 +238,7 @@ def test_follow_mode_sees_shards_committed_after_the_stream_started(tmp_path):
 
         def follow():
             reader = client.do_get(flight.Ticket(request(cache="growing", follow=True, include_meta=True,
-                                                         block_shards=2, batch_size=64)))
+                                                         buffer_tokens=2 * 128, batch_size=64)))
             batches.extend(chunk.data for chunk in reader)
             done.set()
 
@@ -245,7 +247,7 @@ def test_follow_mode_sees_shards_committed_after_the_stream_started(tmp_path):
         wait_until(lambda: sum(b.num_rows for b in batches) == 4 * 128, what="the 4 committed shards")
         assert not done.wait(0.3)  # served what exists, and waits for more
         build.commit("train", 1)
-        assert not done.wait(0.3)  # a block needs 2 shards while the build runs
+        assert not done.wait(0.3)  # a buffer needs 2 shards' rows while the build runs
         build.finish()
         thread.join(timeout=20)
     assert done.is_set()
@@ -261,11 +263,11 @@ def test_follow_streams_end_with_their_split_or_their_client(tmp_path):
     build.commit("eval", SPEC.eval_shards)
     build.commit("train", 1)
     with running_server([url]) as server:
-        # eval is complete while train is still being built: following it ends, last short block included
-        table = read_table(server.location, request(cache="growing", split="eval", follow=True, block_shards=3))
+        # eval is complete while train is still being built: following it ends, last short buffer included
+        table = read_table(server.location, request(cache="growing", split="eval", follow=True, buffer_tokens=3 * 128))
         assert table.num_rows == SPEC.eval_shards * 128
         client = flight.connect(server.location)
-        reader = client.do_get(flight.Ticket(request(cache="growing", follow=True, block_shards=1)))
+        reader = client.do_get(flight.Ticket(request(cache="growing", follow=True, buffer_tokens=128)))
         reader.read_chunk()
         reader.cancel()  # the client goes away while the stream waits for the build
         wait_until(lambda: ServerStats.FromString(action(server.location, "stats")).streams_active == 0,
@@ -342,7 +344,7 @@ def test_s3_cache_through_the_node_local_shard_cache(s3_options, tmp_path):
     local = tmp_path / "shards"
     with running_server([url], storage_options=s3_options, local_cache_dir=str(local), local_cache_gb=1) as server:
         for epoch in range(2):
-            table = read_table(server.location, request(epoch=epoch, include_meta=True, drop_bos=True, block_shards=2))
+            table = read_table(server.location, request(epoch=epoch, include_meta=True, drop_bos=True, buffer_tokens=2 * 112))
             assert len(np.unique(stream_keys(table))) == table.num_rows == 672
         stats = ServerStats.FromString(action(server.location, "stats"))
     assert stats.shard_fetches == 6 and stats.shard_cache_hits == 6  # fetched once, then read locally
@@ -413,3 +415,19 @@ def test_server_actors_are_replicas(cache, ray_session):
     finally:
         for actor in actors:
             ray.kill(actor)
+
+
+def test_a_batch_mixes_as_many_sequences_as_a_global_shuffle(tmp_path):
+    """Through the server, from many small shards: distinct sequences per batch within 10% of the
+    computed expectation of a uniform shuffle of the whole split (proto/stream.proto)."""
+    spec = SyntheticSpec(context_size=8, sequences_per_shard=3, train_shards=300, eval_shards=1)
+    url = str(tmp_path / "many")
+    write_synthetic_cache(url, spec)
+    batch = 40
+    with running_server([url]) as server:
+        table = read_table(server.location, request(cache="many", batch_size=batch, include_meta=True, drop_bos=True,
+                                                    buffer_tokens=5 * batch * 7))
+    sequences = table.column("sequence").to_numpy()
+    counts = [len(np.unique(sequences[k:k + batch])) for k in range(0, len(sequences) - batch + 1, batch)]
+    uniform = expected_distinct(spec.train_shards * spec.sequences_per_shard, batch)
+    assert abs(np.mean(counts) / uniform - 1) <= 0.1, (np.mean(counts), uniform)

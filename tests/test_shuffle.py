@@ -1,4 +1,5 @@
-"""The epoch order as a pure function: exactly once, disjoint consumers, seeds, cursors, follow."""
+"""The epoch order as a pure function: exactly once, disjoint consumers, seeds, cursors, follow, and
+how a batch's mix of sequences compares with a uniform global shuffle."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,9 +7,11 @@ import pytest
 
 from actserve.proto.manifest_pb2 import Shard
 from actserve.services.storage import CacheError
-from actserve.services.shuffle import Order, consumer_rows, epoch_blocks, locate, row_indices
+from actserve.services.shuffle import (Order, consumer_rows, epoch_buffers, expected_distinct, locate, row_indices,
+                                       split_pieces)
 
 CTX = 8
+GROUP = 2 * CTX  # two sequences per row group: a shard of 5 sequences has pieces of 2, 2, 1
 
 
 def make_shards(sequences: list[int]) -> list[Shard]:
@@ -27,17 +30,18 @@ def epoch_rows(shards: list[Shard], order: Order, complete: bool = True) -> np.n
     """Global row ids (index in the split) this consumer reads, in order."""
     offsets = np.cumsum([0] + [s.num_rows for s in shards])
     out = []
-    for block in epoch_blocks(shards, order, complete):
-        # map indices into the block's concatenation back to split row ids
-        starts = np.cumsum([0] + [shards[i].num_rows for i in block.shards])
-        idx = row_indices(block, order)
+    for buffer in epoch_buffers(shards, order, complete):
+        # map indices into the buffer's concatenation back to split row ids
+        starts = np.cumsum([0, *buffer.piece_rows])
+        first_rows = np.array([offsets[s] + g * order.group_rows for s, g in buffer.pieces])
+        idx = row_indices(buffer, order)
         which = np.searchsorted(starts, idx, side="right") - 1
-        out.append(offsets[np.array(block.shards)[which]] + idx - starts[which])
+        out.append(first_rows[which] + idx - starts[which])
     return np.concatenate(out) if out else np.empty(0, dtype=np.int64)
 
 
 def order(**kw) -> Order:
-    return Order(**{"seed": 0, "epoch": 0, "block_shards": 3, "context_size": CTX, **kw})
+    return Order(**{"seed": 0, "epoch": 0, "buffer_tokens": 6 * CTX, "context_size": CTX, "group_rows": GROUP, **kw})
 
 
 @pytest.mark.parametrize("num_consumers", [1, 3])
@@ -51,12 +55,12 @@ def test_consumers_partition_the_epoch(num_consumers, drop_bos, shuffle):
     union = np.concatenate(parts)
     assert sorted(union.tolist()) == wanted  # every row once, across consumers: disjoint and complete
     sizes = [len(p) for p in parts]
-    # near-equal: one row per block apart (shuffled), one sequence apart (whole sequences)
-    assert max(sizes) - min(sizes) <= (len(epoch_blocks(SHARDS, order())) if shuffle else CTX)
+    # near-equal: one row per buffer apart (shuffled), one sequence apart (whole sequences)
+    assert max(sizes) - min(sizes) <= (len(epoch_buffers(SHARDS, order())) if shuffle else CTX)
 
 
-def test_shuffle_mixes_shards_within_blocks():
-    rows = epoch_rows(SHARDS, order(block_shards=4))
+def test_shuffle_mixes_shards_within_buffers():
+    rows = epoch_rows(SHARDS, order(buffer_tokens=20 * CTX))
     shard_of = rows // CTX // 5  # roughly: consecutive rows should come from several shards
     assert len(set(shard_of[:20].tolist())) > 1
     assert not np.array_equal(rows, np.sort(rows))
@@ -69,27 +73,51 @@ def test_order_depends_on_seed_and_epoch_only():
     assert not np.array_equal(a, epoch_rows(SHARDS, order(seed=1, epoch=1)))
 
 
-def test_cursor_resumes_within_one_block():
+def test_cursor_resumes_within_one_buffer():
     o = order(num_consumers=3, consumer_index=1, drop_bos=True)
-    blocks = epoch_blocks(SHARDS, o)
+    blocks = epoch_buffers(SHARDS, o)
     full = epoch_rows(SHARDS, o)
     for start in (0, 1, 17, blocks[0].num_rows, len(full) - 1, len(full)):
         first, offset = locate(blocks, start)
         tail = [row_indices(b, o) for b in blocks[first:]]
         if tail:
-            tail[0] = tail[0][offset:]  # only the block holding the cursor is re-read
+            tail[0] = tail[0][offset:]  # only the buffer holding the cursor is re-read
         assert sum(map(len, tail)) == len(full) - start
     assert locate(blocks, len(full) + 5) == (len(blocks), 5)
 
 
-def test_follow_blocks_are_a_stable_prefix():
+def test_follow_buffers_are_a_stable_prefix():
     o = order(follow=True)
-    final = epoch_blocks(SHARDS, o)
+    final = epoch_buffers(SHARDS, o)
     for committed in range(len(SHARDS) + 1):
-        growing = epoch_blocks(SHARDS[:committed], o, complete=False)
+        growing = epoch_buffers(SHARDS[:committed], o, complete=False)
         assert growing == final[:len(growing)]
-        assert all(len(b.shards) == o.block_shards for b in growing)  # a partial group waits
-    assert [s for b in final for s in b.shards] == list(range(len(SHARDS)))  # commit order
+        assert all(b.kept_rows >= o.buffer_tokens for b in growing)  # a partial buffer waits
+    assert [p for b in final for p in b.pieces] == split_pieces(SHARDS, GROUP)[0]  # commit order
+
+
+def test_buffers_are_pieces_of_row_groups():
+    o = order()
+    buffers = epoch_buffers(SHARDS, o)
+    assert sorted(p for b in buffers for p in b.pieces) == split_pieces(SHARDS, GROUP)[0]  # every piece once
+    assert all(b.kept_rows >= o.buffer_tokens for b in buffers[:-1])
+    assert all(b.kept_rows - b.piece_rows[-1] < o.buffer_tokens for b in buffers)  # no piece more than needed
+    assert len({s for b in buffers[:2] for s, _ in b.pieces}) > 2  # a buffer draws row groups of many shards
+
+
+def test_batch_mix_matches_a_global_shuffle():
+    """Distinct sequences per batch, against the computed expectation of a uniform global shuffle:
+    the ratio the buffer guarantees (>= 0.9 for buffer_tokens >= 5 * batch * rows per sequence)."""
+    shards = make_shards([3] * 400)  # 1200 sequences of many small shards
+    batch = 48
+    o = order(buffer_tokens=5 * batch * CTX, drop_bos=True)
+    rows = epoch_rows(shards, o)
+    sequence = rows // CTX
+    counts = [len(np.unique(sequence[k:k + batch])) for k in range(0, len(rows) - batch + 1, batch)]
+    ours, uniform = np.mean(counts), expected_distinct(len(shards) * 3, batch)
+    assert abs(ours / uniform - 1) <= 0.1, (ours, uniform)
+    # and the stated bound: a buffer of S sequences gives S (1 - (1 - 1/S)^b), >= 0.9 of global at S = 5b
+    assert expected_distinct(5 * batch, batch) / uniform >= 0.9
 
 
 def test_sequence_mode_reads_whole_sequences_in_order():
@@ -105,9 +133,11 @@ def test_sequence_mode_reads_whole_sequences_in_order():
 def test_bad_orders_and_shards():
     with pytest.raises(ValueError, match="consumer_index"):
         order(num_consumers=2, consumer_index=2)
-    with pytest.raises(ValueError, match="block_shards"):
-        order(block_shards=0)
+    with pytest.raises(ValueError, match="buffer_tokens"):
+        order(buffer_tokens=0)
+    with pytest.raises(ValueError, match="group_rows"):
+        order(group_rows=CTX + 1)
     bad = [Shard(path="train/shard-00000.parquet", num_rows=CTX * 2 + 1, num_sequences=2)]
     with pytest.raises(CacheError, match="shard-00000"):
-        epoch_blocks(bad, order())
-    assert consumer_rows(epoch_blocks([], order())) == 0
+        epoch_buffers(bad, order())
+    assert consumer_rows(epoch_buffers([], order())) == 0
