@@ -6,7 +6,9 @@
   3. a server actor streaming it over Arrow Flight;
   4. one standard-SAE trainer per layer plus a JumpReLU and a TopK SAE on the middle layer, all
      ending at the same L0, concurrently, as Ray tasks, each on --tokens tokens streamed from the server;
-  5. the evaluator: the seed-style table, density-histogram PNGs and a JSON report.
+  5. the evaluator: the seed-style table, density-histogram PNGs, the L0 / fidelity frontier and a
+     JSON report;
+  6. the feature browser of the middle layer's standard SAE (`actserve features`).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from actserve.clients.features import FeatureOptions, build_feature_browser
 from actserve.clients.sweep import run_sweep
 from actserve.clients.sweep_spec import SweepSpec
 from actserve.clients.train_options import TrainOptions
@@ -94,6 +97,13 @@ def run_demo(opts: DemoOptions) -> int:
     timings["train_and_eval_s"] = time.perf_counter() - t0
 
     failed = [r for r in results if r["status"] != "ok"]
+    browser = None
+    middle_standard = out / "saes" / f"{points[len(manifest.config.hooks) // 2].hook}-standard"
+    if (middle_standard / "cfg.json").exists():
+        t0 = time.perf_counter()
+        browser = build_feature_browser(FeatureOptions(saes=(str(middle_standard),), cache=cache_url,
+                                                       out=str(out / "features")))
+        timings["features_s"] = time.perf_counter() - t0
     report = {"options": {k: str(v) for k, v in opts.__dict__.items()}, "timings": timings,
               "cached_tokens": manifest.train.num_tokens + manifest.eval.num_tokens,
               "trained_tokens": train_tokens * (len(results) - len(failed)), "results": results}
@@ -102,6 +112,10 @@ def run_demo(opts: DemoOptions) -> int:
     print((out / "eval" / "eval.md").read_text() if (out / "eval" / "eval.md").exists() else "no SAE finished")
     print(f"cache {timings['cache_s']:.0f} s, training + eval {timings['train_and_eval_s']:.0f} s; "
           f"report {out / 'demo.json'}, table {out / 'eval' / 'eval.md'}, density plots in {out / 'eval'}")
+    if (out / "frontier.png").exists():
+        print(f"frontier (L0 vs CE recovered and explained variance): {out / 'frontier.png'}")
+    if browser is not None:
+        print(f"feature browser of {middle_standard.name}: {browser}")
     for r in failed:
         print(f"FAILED {r['point']}: {r['error']}")
     return 1 if failed else 0

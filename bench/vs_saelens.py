@@ -163,7 +163,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2_000_000)
     parser.add_argument("--d-sae", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    parser.add_argument("--targets", default="10,20,40")
+    parser.add_argument("--targets", default="10,20,40", help="L0 targets; 'none': ours with default coefficients")
     parser.add_argument("--archs", default="standard,gated,topk,batchtopk,jumprelu")
     parser.add_argument("--libraries", default="ours,saelens")
     parser.add_argument("--search-runs", type=int, default=3)
@@ -181,15 +181,19 @@ def main() -> None:
 
     rows = []
     for arch in args.archs.split(","):
-        for target in [float(t) for t in args.targets.split(",")]:
-            target = int(target) if target == int(target) else target
+        for target in [None if t == "none" else float(t) for t in args.targets.split(",")]:
+            if target is not None and target == int(target):
+                target = int(target)
             ours = None
             if "ours" in args.libraries:
                 ours = train_ours(arch, target, train, eval_x, args)
-                ours["how"] = "target_l0" + (f" (controller ended at {ours['coefficient']:.3g})" if ours["coefficient"] else " (k)")
+                if target is None:
+                    ours["how"] = f"defaults (coefficient {ours['coefficient']:.3g})"
+                else:
+                    ours["how"] = "target_l0" + (f" (controller ended at {ours['coefficient']:.3g})" if ours["coefficient"] else " (k)")
                 rows.append((arch, target, "ours", ours))
                 print(f"  ours {arch} target {target}: L0 {ours['l0']:.2f} EV {ours['explained_variance']:.4f}", flush=True)
-            if "saelens" in args.libraries:
+            if "saelens" in args.libraries and target is not None:  # none: our defaults alone
                 if arch in ("topk", "batchtopk"):
                     theirs = train_saelens(arch, target, None, train, eval_x, args)
                     theirs["how"] = "k = target"

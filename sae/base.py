@@ -47,7 +47,8 @@ class SAE(nn.Module):
     architecture's own; the SAELens names and shapes, so that saved files load in SAELens.
 
     Subclasses implement `encode` and `forward`. Decoder rows (the feature directions) are kept at
-    unit norm by the trainer when `unit_norm_decoder` is true.
+    unit norm by the trainer (`after_optimizer_step`) when `unit_norm_decoder` is true.
+    `fold_input_scale` turns an SAE trained on scaled inputs into one for raw inputs.
     """
 
     unit_norm_decoder: bool = True
@@ -85,7 +86,8 @@ class SAE(nn.Module):
         """Reconstruct x and compute the loss terms.
 
         dead_mask: [d_sae] bool, features that have not fired over the trainer's window (ghost
-        grads, AuxK). l1_scale: the L1-coefficient warmup factor. generator: source of the
+        grads, AuxK). l1_scale: the factor on the sparsity coefficient (L1 or L0 penalty): the
+        warmup factor times the target_l0 controller's factor. generator: source of the
         normalized SAE's training noise, which is added only in training mode.
         """
         raise NotImplementedError

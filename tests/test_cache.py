@@ -238,3 +238,32 @@ def test_missing_credentials(s3_endpoint, monkeypatch, capsys):
     options = {"client_kwargs": {"endpoint_url": s3_endpoint}, "skip_instance_cache": True}  # fresh credential lookup
     err = run_cli_error(capsys, ["cache", "info", "s3://actserve-test/cache", "--storage-options", json.dumps(options)])
     assert "no credentials found" in err and "AWS_ACCESS_KEY_ID" in err
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs, to fill up; skipped where mounting is not permitted."""
+    mountpoint = tmp_path / "disk"
+    mountpoint.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mountpoint)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+def test_full_disk_is_one_line_and_the_build_resumes(small_disk, tiny_model, corpus, ray_session, capsys):
+    from actserve.services.verify import verify_cache
+
+    out = small_disk / "cache"
+    err = run_cli_error(capsys, cli_build_args(tiny_model, corpus, out))
+    assert "no space left" in err, err
+    interrupted = read_manifest(str(out))
+    assert interrupted is None or not interrupted.complete
+    if interrupted is not None:
+        # what the manifest lists is whole; the one problem is that the build did not finish
+        assert [p for p in verify_cache(str(out)) if "interrupted" not in p] == []
+    subprocess.run(["mount", "-o", "remount,size=16m", str(small_disk)], check=True)
+    assert cli_main(cli_build_args(tiny_model, corpus, out)) == 0
+    assert read_manifest(str(out)).complete and verify_cache(str(out)) == []

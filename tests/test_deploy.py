@@ -264,6 +264,15 @@ def test_evaluate_expands_sae_patterns_on_the_cluster(fake_ray, tmp_path):
     assert empty.returncode != 0 and "no SAE directory" in empty.stderr
 
 
+def test_frontier_sweep_compares_every_architecture_at_equal_l0():
+    from actserve.clients.sweep_spec import load_sweep, sweep_points
+
+    points = sweep_points(load_sweep(str(DEPLOY / "sweep-gpt2-frontier.yaml")))
+    assert {(p.architectures[0], p.target_l0s[0]) for p in points} == {
+        (arch, float(l0)) for arch in ("standard", "gated", "jumprelu", "topk", "batchtopk") for l0 in (16, 32, 64)}
+    assert len({p.out for p in points}) == len(points) == 15
+
+
 def test_example_sweep_is_gpt2_smalls_seed_grid():
     from actserve.clients.sweep_spec import load_sweep, sweep_points
 
@@ -271,7 +280,7 @@ def test_example_sweep_is_gpt2_smalls_seed_grid():
     points = sweep_points(spec)
     assert [p.hook for p in points] == [f"blocks.{i}.hook_resid_pre" for i in range(12)]
     for p in points:
-        assert (p.architectures, p.expansions, p.l1_coefficients, p.lrs) == (("standard",), (32,), (8e-5,), (4e-4,))
+        assert (p.architectures, p.expansions, p.target_l0s) == (("standard",), (32,), (32.0,))
         assert (p.tokens, p.batch_size, p.device) == (300_000_000, 4096, "cuda")
     assert spec.gpus_per_trainer == 0.25
     assert spec.out.startswith("/mnt/actserve/")   # the directory every node shares

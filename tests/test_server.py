@@ -335,6 +335,41 @@ def test_tls(cache, tmp_path):
             flight.FlightClient(server.location).do_get(flight.Ticket(request())).read_all()  # unverified cert
 
 
+class RecordingPeer(flight.FlightServerBase):
+    """A Flight server on loopback that records the headers of every call it receives."""
+
+    class Recorder(flight.ServerMiddlewareFactory):
+        def __init__(self, calls):
+            self.calls = calls
+
+        def start_call(self, info, headers):
+            self.calls.append(headers)
+
+    def __init__(self):
+        self.calls = []
+        super().__init__("grpc://127.0.0.1:0", middleware={"recorder": self.Recorder(self.calls)})
+
+
+def test_token_never_reaches_a_plaintext_peer_of_a_tls_server(cache, tmp_path):
+    from actserve.clients.stream import ActivationStream, StreamUnavailable
+
+    cert, key = self_signed(tmp_path)
+    peer = RecordingPeer()
+    threading.Thread(target=peer.serve, daemon=True).start()
+    peer_location = f"grpc://127.0.0.1:{peer.port}"
+    try:
+        with running_server([cache[0]], token="s3cret", tls_cert=str(cert), tls_key=str(key),
+                            peers=(peer_location,)) as server:
+            stream = ActivationStream(server.location, cache="tiny", batch_size=64, token="s3cret",
+                                      tls_root_certs=cert.read_bytes(), reconnect_timeout=1.0, backoff=(0.05, 0.2))
+            assert peer_location not in stream.locations and stream.hooks  # listed by the server, dropped
+        with pytest.raises(StreamUnavailable):  # the TLS server is gone: the client must not fail over in the clear
+            next(iter(stream))
+        assert peer.calls == [], f"the plaintext peer received {peer.calls}"
+    finally:
+        peer.shutdown()
+
+
 # --- remote caches -----------------------------------------------------------------------------
 
 
