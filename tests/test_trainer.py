@@ -171,3 +171,35 @@ def test_seed_seeds_the_initial_weights(tmp_path):
 
     assert weights(1, "a") == weights(1, "b")
     assert weights(1, "a") != weights(2, "c")
+
+
+def test_default_cli_run_is_sparse_and_does_not_depend_on_the_activation_scale(tiny_server, tiny_cache, tmp_path):
+    """`actserve train` with nothing but where, what and how much: a sparse SAE (L0 <= d_in / 4)
+    that explains >= 80% of the variance; and the same run on activations x100 ends the same."""
+    from actserve.clients.evaluator import EvalOptions, evaluate
+    from actserve.clients.train_options import TrainOptions
+    from actserve.clients.trainer import train
+    from actserve.proto.manifest_pb2 import HookStats
+    from actserve.testing import TensorBatches
+
+    url, manifest = tiny_cache
+    tokens = 3 * manifest.train.num_tokens
+    out = tmp_path / "default"
+    assert cli_main(["train", "--server", tiny_server, "--cache", "tiny", "--hook", HOOKS[1], "--tokens", str(tokens),
+                     "--out", str(out), "--quiet"]) == 0
+    (result,) = evaluate(EvalOptions(saes=(str(out),), cache=url, out=str(tmp_path / "eval")), progress=False)
+    print(f"defaults: L0 {result['l0']:.1f} EV {result['explained_variance']:.3f} CE {result['ce_recovered']:.3f}")
+    assert result["l0"] <= manifest.d_model / 4 and result["explained_variance"] >= 0.8, result
+
+    with ActivationStream(tiny_server, cache="tiny", hooks=[HOOKS[1]], batch_size=8192, seed=0) as stream:
+        x = torch.cat([b[HOOKS[1]] for b in stream])
+    stats = manifest.stats[HOOKS[1]]
+    ends = {}
+    for factor in (1.0, 100.0):
+        scaled = HookStats(count=stats.count, mean_norm=stats.mean_norm * factor, mean_sq_norm=stats.mean_sq_norm * factor**2)
+        opts = TrainOptions(hook=HOOKS[1], out=str(tmp_path / f"x{factor:g}"), tokens=tokens, log_every=10**6)
+        (path,) = train(opts, TensorBatches(x * factor, HOOKS[1], opts.batch_size), manifest.d_model, scaled, progress=False)
+        record = json.loads((path / "metrics.jsonl").read_text().splitlines()[-1])
+        ends[factor] = (record["window_l0"], record["window_explained_variance"])
+    (l0, ev), (l0_100, ev_100) = ends[1.0], ends[100.0]
+    assert abs(l0_100 - l0) <= 0.02 * l0 and abs(ev_100 - ev) <= 0.02 * ev, ends
