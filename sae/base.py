@@ -127,8 +127,8 @@ class SAE(nn.Module):
         every bias, threshold, gate and magnitude (gated's r_mag scales W_enc's columns; b_gate,
         b_mag, b_enc, JumpReLU's threshold and BatchTopK's threshold compare with pre-activations
         or feature activations, which do not change), stays as it was; the decoder and its bias
-        undo the scale. Decoder rows then have norm 1/s: fold only for export, not to continue
-        training with a unit-norm decoder.
+        undo the scale. Decoder rows then have norm 1/s times their trained norm (1/s with a unit-norm
+        decoder): fold only for export, not to continue training.
         """
         if not scale > 0:
             raise ValueError(f"scale must be > 0, got {scale}")

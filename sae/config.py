@@ -13,9 +13,12 @@ ARCHITECTURES = ("standard", "gated", "topk", "batchtopk", "jumprelu", "normaliz
 PENALISED_ARCHITECTURES = ("standard", "gated", "jumprelu", "normalized")
 K_ARCHITECTURES = ("topk", "batchtopk")
 # Default L1 coefficients on the normalised scale, per architecture (topk, batchtopk, jumprelu
-# have no L1 term). standard: own sweep on the tiny model (blocks.2, d_sae 1024, 2M tokens, lr 5e-3
-# and the other TrainConfig defaults): lambda 5 -> L0 9.7 / EV 0.53, 3 -> 19 / 0.76, 2.2 -> 26 / 0.81,
-# 1.7 -> 32 / 0.85; 1.5 sits inside L0 10-40 with EV >= 0.85. gated: the standard value (its gate
+# have no L1 term). standard: the penalty is lambda * sum_i f_i ||d_i|| (April 2024 form, free decoder
+# rows); on the tiny model (blocks.2, d_sae 1024, 2M tokens, lr 5e-3, grad clip 1 and the other
+# TrainConfig defaults) lambda 1.5 gives L0 21.9 / EV 0.872 (no clip: 27.6 / 0.867); at 1M tokens
+# lambda 2.24 gives L0 22.4 / 0.812. The seed form (unit-norm rows, plain L1; teammate's sweep,
+# no clip): lambda 5 -> L0 9.7 / EV 0.53, 3 -> 19 / 0.76, 2.2 -> 26 / 0.81, 1.7 -> 32 / 0.85,
+# 1.5 -> 34.7 / 0.862. 1.5 sits inside L0 10-40 with EV >= 0.85 in both forms. gated: the standard value (its gate
 # L1 has the same units), not swept separately. normalized: alpha, with beta = alpha * M^2 and
 # M^2 ~ d_in on the normalised scale, alpha = 1.5 / 128 (not swept).
 DEFAULT_L1_COEFFICIENTS = {"standard": 1.5, "gated": 1.5, "normalized": 0.012}
@@ -48,6 +51,15 @@ class SAEConfig:
     # training so that L0 ends at this value. topk, batchtopk: k defaults to it. None: off.
     target_l0: float | None = None
     use_ghost_grads: bool = False  # standard only
+    # standard only (None elsewhere: each other architecture fixes its own decoder constraint).
+    # False, the default: Anthropic's April 2024 update, as SAELens 6 trains its standard SAE: decoder
+    # rows are free parameters, initialised at norm encoder_init_norm (SAELens's decoder_init_norm
+    # 0.1) with W_enc = W_dec^T exactly, and the L1 penalty weights each feature by its row's norm,
+    # lambda * sum_i f_i ||d_i||, so that shrinking f while growing d_i does not dodge it. True: the
+    # seed recipe (000/001): rows renormalised to unit norm after every step, the parallel part of
+    # their gradient removed, plain lambda * sum_i f_i. Measured on the tiny model (blocks.2, d_sae
+    # 1024, target L0 20, 1M tokens): see bench/README.md, "SAEs vs SAELens (issue 9)".
+    unit_norm_decoder: bool | None = None
     k: float | None = None  # topk: active latents per token (an int); batchtopk: mean per token over a batch
     k_aux: int | None = None  # topk, batchtopk: dead latents in the AuxK loss; None means d_in // 2
     auxk_coefficient: float = 1 / 32  # topk, batchtopk: weight of the AuxK loss (OpenAI's alpha)
@@ -73,9 +85,9 @@ class SAEConfig:
     @classmethod
     def seed_recipe(cls, d_in: int, d_sae: int, hook_name: str, **overrides) -> "SAEConfig":
         """Seed 000/001's standard SAE: ghost grads on the pre-activation, geometric-median b_dec,
-        unit-norm decoder rows with the encoder as their exact transpose. Its lambda 8e-5 belonged
+        unit-norm decoder rows (unit_norm_decoder=True) with the encoder as their exact transpose. Its lambda 8e-5 belonged
         to a loss divided by the input norm, so the L1 coefficient stays at our normalised default."""
-        settings = dict(use_ghost_grads=True, encoder_init_norm=1.0, b_dec_init="geometric_median")
+        settings = dict(use_ghost_grads=True, unit_norm_decoder=True, encoder_init_norm=1.0, b_dec_init="geometric_median")
         return cls("standard", d_in=d_in, d_sae=d_sae, hook_name=hook_name, **{**settings, **overrides})
 
     def with_target_l0(self, target_l0: float) -> "SAEConfig":
@@ -97,6 +109,11 @@ class SAEConfig:
         for name in ("l1_coefficient", "l0_coefficient"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.architecture == "standard":
+            if self.unit_norm_decoder is None:
+                self.unit_norm_decoder = False
+        elif self.unit_norm_decoder is not None:
+            raise ValueError(f"unit_norm_decoder applies to the standard SAE only, not {self.architecture!r}")
         if self.use_ghost_grads and self.architecture != "standard":
             raise ValueError(f"use_ghost_grads applies to the standard SAE only, not {self.architecture!r}")
         if self.target_l0 is not None and not 0 < self.target_l0 <= self.d_sae:

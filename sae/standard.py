@@ -1,11 +1,23 @@
-"""Standard ReLU SAE with an L1 penalty and optional ghost grads: the seed recipe (000/001).
+"""Standard ReLU SAE with an L1 penalty, in two forms (`SAEConfig.unit_norm_decoder`).
 
     f     = ReLU((x - b_dec) @ W_enc + b_enc)
     x_hat = f @ W_dec + b_dec
-    loss  = ||x - x_hat||^2 + lambda * ||f||_1  (+ ghost-grad loss for dead features)
 
-Decoder rows stay unit norm (the trainer), so the L1 penalty cannot be dodged by shrinking f
-and growing W_dec.
+April 2024 form (unit_norm_decoder=False, the default; Anthropic's circuits update, SAELens 6):
+    loss  = ||x - x_hat||^2 + lambda * sum_i f_i ||d_i||      d_i = W_dec[i], a free parameter
+Weighting each activation by its decoder row's norm makes the penalty invariant to moving scale
+between f_i and d_i (f_i -> f_i / c, d_i -> c d_i leaves x_hat and the penalty unchanged), so no
+norm constraint is needed, and the optimiser can use the row norm as one more degree of freedom.
+Rows start at norm `encoder_init_norm` (0.1) with W_enc = W_dec^T exactly.
+
+Seed form (unit_norm_decoder=True, `SAEConfig.seed_recipe`, 000/001):
+    loss  = ||x - x_hat||^2 + lambda * ||f||_1  (+ ghost-grad loss for dead features)
+with decoder rows renormalised to unit norm after every step (the trainer, which also removes the
+gradient's component parallel to each row), so the L1 penalty cannot be dodged by shrinking f and
+growing W_dec; with unit rows the two penalties are equal.
+
+Inference is the same maths in both forms (SAELens's StandardSAE with
+rescale_acts_by_decoder_norm=false), so either saves and loads in SAELens unchanged.
 """
 import torch
 from torch import Tensor, nn
@@ -18,6 +30,12 @@ class StandardSAE(SAE):
     def __init__(self, cfg: SAEConfig, generator: torch.Generator | None = None):
         super().__init__(cfg, generator)
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.unit_norm_decoder = bool(cfg.unit_norm_decoder)
+        if not self.unit_norm_decoder:
+            # SAELens's decoder_init_norm: rows at norm encoder_init_norm, W_enc their exact transpose.
+            with torch.no_grad():
+                self.W_dec.mul_(cfg.encoder_init_norm)
+                self.W_enc.copy_(self.W_dec.T)
 
     def pre_activation(self, x: Tensor) -> Tensor:
         return self.centered_input(x) @ self.W_enc + self.b_enc
@@ -30,9 +48,13 @@ class StandardSAE(SAE):
         feature_acts = torch.relu(hidden_pre)
         x_hat = self.decode(feature_acts)
         per_token_mse = squared_error(x, x_hat)
+        if self.unit_norm_decoder:
+            l1 = feature_acts.sum(dim=-1)
+        else:
+            l1 = feature_acts @ self.W_dec.norm(dim=1)
         losses = {
             "mse": per_token_mse.mean(),
-            "l1": self.cfg.l1_coefficient * l1_scale * feature_acts.sum(dim=-1).mean(),
+            "l1": self.cfg.l1_coefficient * l1_scale * l1.mean(),
         }
         if self.cfg.use_ghost_grads and dead_mask is not None:
             losses["ghost_grad"] = self.ghost_grad_loss(x, x_hat, hidden_pre, per_token_mse, dead_mask)

@@ -161,7 +161,10 @@ def test_resume_with_the_controller_is_bit_identical(architecture):
 def test_seed_recipe_presets():
     cfg = SAEConfig.seed_recipe(d_in=32, d_sae=128, hook_name="h")
     assert cfg.architecture == "standard" and cfg.use_ghost_grads and cfg.encoder_init_norm == 1.0
+    assert cfg.unit_norm_decoder is True and config("standard").unit_norm_decoder is False
     sae = build_sae(cfg)
+    assert sae.unit_norm_decoder and not build_sae(config("standard")).unit_norm_decoder
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(128))
     torch.testing.assert_close(sae.W_enc, sae.W_dec.T)  # unit-norm decoder, encoder its transpose
     train_cfg = TrainConfig.seed_recipe()
     assert (train_cfg.lr, train_cfg.lr_warmup_steps, train_cfg.lr_decay) == (4e-4, 1000, "constant")

@@ -62,6 +62,38 @@ def test_saelens_loads_our_files_with_the_same_activations(tmp_path, architectur
         assert theirs.cfg.k == 7
 
 
+@pytest.mark.parametrize("unit_norm_decoder", [False, True])
+def test_standard_sae_in_either_form_loads_in_saelens_with_the_same_activations(tmp_path, unit_norm_decoder):
+    cfg = SAEConfig("standard", d_in=24, d_sae=96, hook_name="h", unit_norm_decoder=unit_norm_decoder)
+    ours = build_sae(cfg, seed=0)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in ours.parameters():
+            parameter += 0.1 * torch.randn(parameter.shape, generator=generator)
+        # April 2024 form: row norms spread as after training (here 0.1 to 2); seed form: unit.
+        ours.W_dec *= (0.1 + 1.9 * torch.rand(96, 1, generator=generator)) / ours.W_dec.norm(dim=1, keepdim=True)
+        if unit_norm_decoder:
+            ours.normalize_decoder()
+    ours.eval()
+    save_sae(ours, tmp_path)
+    theirs = sae_lens.SAE.load_from_disk(tmp_path)
+    assert not theirs.cfg.to_dict().get("rescale_acts_by_decoder_norm", False)
+    x = activations()
+    with torch.no_grad():
+        our_acts, their_acts = ours.encode(x), theirs.encode(x)
+        assert (our_acts > 0).float().mean() > 0.05
+        torch.testing.assert_close(their_acts, our_acts, atol=1e-5, rtol=0)
+        torch.testing.assert_close(theirs.decode(their_acts), ours.decode(our_acts), atol=1e-5, rtol=0)
+        # Folding the input scale keeps SAELens's and our inference equal on raw inputs too.
+        s = 0.4
+        ours.fold_input_scale(s)
+        save_sae(ours, tmp_path / "folded")
+        folded = sae_lens.SAE.load_from_disk(tmp_path / "folded")
+        torch.testing.assert_close(folded.encode(x / s), their_acts, atol=1e-5, rtol=0)
+        torch.testing.assert_close(folded.decode(their_acts), theirs.decode(their_acts) / s, atol=1e-5, rtol=0)
+    assert load_sae(tmp_path).cfg.unit_norm_decoder is unit_norm_decoder
+
+
 @pytest.mark.parametrize("architecture", list(SETTINGS))
 def test_our_files_load_back_identically(tmp_path, architecture):
     ours = trained_looking_sae(architecture)
@@ -147,6 +179,7 @@ def test_weights_of_another_architecture_are_a_clear_error(tmp_path):
         (dict(architecture="gated", use_ghost_grads=True), "use_ghost_grads applies to the standard SAE only"),
         (dict(architecture="normalized"), "the normalized SAE needs input_mean_norm > 0"),
         (dict(l1_coefficient=-1.0), "l1_coefficient must be >= 0"),
+        (dict(architecture="gated", unit_norm_decoder=True), "unit_norm_decoder applies to the standard SAE only"),
     ],
 )
 def test_config_validation(settings, message):

@@ -85,10 +85,37 @@ def test_standard_and_topk_recover_the_ground_truth_directions(trained, architec
     assert (cosines >= 0.9).float().mean() >= 0.8
 
 
-@pytest.mark.parametrize("architecture", ["standard", "gated", "topk"])
+@pytest.mark.parametrize("architecture", ["gated", "topk"])
 def test_decoder_rows_stay_unit_norm(trained, architecture):
     norms = trained[architecture][0].sae.W_dec.detach().norm(dim=1)
     torch.testing.assert_close(norms, torch.ones_like(norms), atol=1e-5, rtol=0)
+
+
+def test_seed_form_standard_keeps_unit_norm_rows_and_learns():
+    trainer = make_trainer("standard", unit_norm_decoder=True)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(1000):
+        trainer.step(DATA.sample(256, generator))
+    norms = trainer.sae.W_dec.detach().norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones_like(norms), atol=1e-5, rtol=0)
+    metrics = evaluate(trainer.sae)
+    assert metrics["explained_variance"] >= 0.9 and metrics["l0"] < 32
+
+
+def test_april_2024_standard_has_free_rows_and_a_decoder_norm_weighted_l1(trained):
+    sae = trained["standard"][0].sae
+    assert not sae.unit_norm_decoder
+    norms = sae.W_dec.detach().norm(dim=1)
+    assert (norms - 1).abs().max() > 0.05  # rows are free parameters, not renormalised
+    x = DATA.sample(256, torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        out = sae(x, l1_scale=0.5)
+        expected = sae.cfg.l1_coefficient * 0.5 * (out.feature_acts * norms).sum(dim=1).mean()
+    torch.testing.assert_close(out.losses["l1"], expected)
+    # Fresh: rows at norm encoder_init_norm, the encoder exactly their transpose (SAELens's init).
+    fresh = build_sae(sae.cfg, seed=0)
+    torch.testing.assert_close(fresh.W_dec.norm(dim=1), torch.full((D_SAE,), sae.cfg.encoder_init_norm))
+    assert torch.equal(fresh.W_enc, fresh.W_dec.T)
 
 
 def test_normalized_sae_codes_lie_in_unit_interval_and_noise_is_training_only(trained):
