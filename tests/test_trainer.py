@@ -183,7 +183,7 @@ def test_default_cli_run_is_sparse_and_does_not_depend_on_the_activation_scale(t
     from actserve.testing import TensorBatches
 
     url, manifest = tiny_cache
-    tokens = 3 * manifest.train.num_tokens
+    tokens = 6 * manifest.train.num_tokens  # ~290 steps of the default 4096 tokens
     out = tmp_path / "default"
     assert cli_main(["train", "--server", tiny_server, "--cache", "tiny", "--hook", HOOKS[1], "--tokens", str(tokens),
                      "--out", str(out), "--quiet"]) == 0
@@ -197,7 +197,7 @@ def test_default_cli_run_is_sparse_and_does_not_depend_on_the_activation_scale(t
     ends = {}
     for factor in (1.0, 100.0):
         scaled = HookStats(count=stats.count, mean_norm=stats.mean_norm * factor, mean_sq_norm=stats.mean_sq_norm * factor**2)
-        opts = TrainOptions(hook=HOOKS[1], out=str(tmp_path / f"x{factor:g}"), tokens=tokens, log_every=10**6)
+        opts = TrainOptions(hook=HOOKS[1], out=str(tmp_path / f"x{factor:g}"), tokens=len(x), log_every=10**6)
         (path,) = train(opts, TensorBatches(x * factor, HOOKS[1], opts.batch_size), manifest.d_model, scaled, progress=False)
         record = json.loads((path / "metrics.jsonl").read_text().splitlines()[-1])
         ends[factor] = (record["window_l0"], record["window_explained_variance"])
