@@ -29,7 +29,7 @@ from actserve.services.model import WeightProcessing
 from actserve.services.model_host import ModelHost
 from actserve.services.ray_runtime import ensure_ray
 from actserve.services.shard_format import DTYPES, shard_path
-from actserve.services.storage import CacheError, check_writable, open_url
+from actserve.services.storage import CacheError, check_writable, open_url, remove_temporaries
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,8 @@ def build_cache(opts: BuildOptions, progress: bool = True, ray_address: str | No
     existing = read_manifest(opts.out, opts.storage_options)
     if existing is None:
         check_writable(fs, root, opts.out)
+    else:  # resuming: what a killed build left half-written goes
+        remove_temporaries(fs, root)
 
     ensure_ray(ray_address)
     hosts = start_model_hosts(opts)

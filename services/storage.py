@@ -35,6 +35,7 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
 
 
 LOCAL_FS = fsspec.filesystem("file")
+TEMPORARY_MARK = ".tmp-"  # in the name of a file atomic_write has not renamed into place yet
 
 
 class Written(NamedTuple):
@@ -62,7 +63,7 @@ def atomic_write(fs: fsspec.AbstractFileSystem, path: str, write: Callable, chec
     sent in one PUT."""
     if is_local(fs):
         directory = os.path.dirname(path) or "."
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"  # unique: concurrent writers never share one
+        tmp = f"{path}{TEMPORARY_MARK}{uuid.uuid4().hex}"  # unique: concurrent writers never share one
         os.makedirs(directory, exist_ok=True)
         try:
             write(tmp)
@@ -79,6 +80,17 @@ def atomic_write(fs: fsspec.AbstractFileSystem, path: str, write: Callable, chec
     buffer = sink.getvalue()
     fs.pipe_file(path, buffer.to_pybytes())  # one PUT (or one completed multipart upload): atomic
     return Written(buffer.size, hashlib.sha256(memoryview(buffer)).hexdigest() if checksum else "")
+
+
+def remove_temporaries(fs: fsspec.AbstractFileSystem, root: str) -> None:
+    """Delete what atomic_write left half-written under `root` when its process was killed (local
+    disk only: object stores never hold a partial object). For a writer resuming its own output."""
+    if is_local(fs) and os.path.isdir(root):
+        for directory, _, names in os.walk(root):
+            for name in names:
+                if TEMPORARY_MARK in name:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(os.path.join(directory, name))
 
 
 def fsync(path: str) -> None:

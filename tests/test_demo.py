@@ -36,7 +36,11 @@ def test_demo_at_reduced_size(tmp_path):
     results = report["results"]
     layers = {r["layer"] for r in results if r["architecture"] == "standard"}
     assert layers == {0, 1, 2, 3}  # a row per layer of the tiny model
-    assert any(r["architecture"] == "normalized" for r in results)
+    assert {r["architecture"] for r in results} == {"standard", "jumprelu", "topk"}  # compared on the middle layer
+    assert all(r["l0"] < r["d_sae"] / 8 for r in results)  # sparse, even at this budget
+    out = tmp_path / f"demo-{tokens}"
+    assert (out / "frontier.png").stat().st_size > 1000 and (out / "features" / "index.html").exists()
+    assert f"{out / 'features' / 'index.html'}" in proc.stdout
     for r in results:
         assert r["status"] == "ok" and 0 < r["explained_variance"] <= 1 and r["ce_recovered"] is not None
         assert Path(r["density_png"]).stat().st_size > 1000
