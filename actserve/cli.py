@@ -221,6 +221,20 @@ def add_dataclass_flags(p: argparse.ArgumentParser, cls) -> None:
         p.add_argument(flag_name(f), **kwargs)
 
 
+def add_eval_split_flags(p: argparse.ArgumentParser, out_help: str) -> None:
+    """The flags of the jobs that read SAEs over the cache's eval split (eval, features)."""
+    p.add_argument("--sae", action="append", required=True, help="SAE directory (SAELens layout; repeatable)")
+    p.add_argument("--cache", required=True, help="cache URL (the manifest is read from it)")
+    p.add_argument("--server", default=None,
+                   help="grpc:// location of a server of the cache: stream the eval split from it instead of reading shards")
+    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--storage-options", default="{}", help="JSON of fsspec options")
+    p.add_argument("--max-tokens", type=int, default=None, help="eval tokens to use (default: the whole eval split)")
+    p.add_argument("--batch-sequences", type=int, default=8, help="sequences per batch")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true")
+
+
 def dataclass_from_args(cls, args: argparse.Namespace):
     return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
@@ -371,17 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "Residual hooks run only the layers after the hook, from the cached activations. Writes "
                     "eval.json, eval.md (the seed's table) and a log10 feature-density PNG per SAE.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--sae", action="append", required=True, help="SAE directory (SAELens layout; repeatable)")
-    p.add_argument("--cache", required=True, help="cache URL (the manifest is read from it)")
-    p.add_argument("--server", default=None,
-                   help="grpc:// location of a server of the cache: stream the eval split from it instead of reading shards")
-    p.add_argument("--out", required=True, help="report directory")
-    p.add_argument("--storage-options", default="{}", help="JSON of fsspec options")
-    p.add_argument("--max-tokens", type=int, default=None, help="eval tokens to use (default: the whole eval split)")
-    p.add_argument("--batch-sequences", type=int, default=8)
+    add_eval_split_flags(p, "report directory")
     p.add_argument("--include-bos", action="store_true", help="splice and score the BOS position too")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
@@ -393,20 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "Writes top_activations.parquet, features.parquet and a static HTML browser (OUT/index.html) "
                     "that opens from the file system.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--sae", action="append", required=True, help="SAE directory (SAELens layout; repeatable)")
-    p.add_argument("--cache", required=True, help="cache URL (the manifest is read from it)")
-    p.add_argument("--server", default=None,
-                   help="grpc:// location of a server of the cache: stream the eval split from it instead of reading shards")
-    p.add_argument("--out", required=True, help="output directory (replaced as a whole when the run ends)")
-    p.add_argument("--storage-options", default="{}", help="JSON of fsspec options")
-    p.add_argument("--max-tokens", type=int, default=None, help="eval tokens to use (default: the whole eval split)")
+    add_eval_split_flags(p, "output directory (replaced as a whole when the run ends)")
     p.add_argument("--top", type=int, default=20, help="top activating examples kept per feature")
     p.add_argument("--left", type=int, default=8, help="context tokens shown before each example")
     p.add_argument("--right", type=int, default=4, help="context tokens shown after each example")
-    p.add_argument("--batch-sequences", type=int, default=8)
     p.add_argument("--include-bos", action="store_true", help="count the BOS position too")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_features)
 
     p = sub.add_parser("sweep", help="train a grid of SAEs concurrently on Ray, then evaluate them",
