@@ -31,9 +31,11 @@ def train_args(server, out, tokens=32768, **flags):
     return args
 
 
-def test_killed_trainer_resumes_to_identical_weights(tiny_server, tmp_path):
+@pytest.mark.parametrize("sae", [{}, {"arch": "jumprelu", "target_l0": 8}, {"arch": "batchtopk", "target_l0": 8}],
+                         ids=["standard", "jumprelu-with-l0-controller", "batchtopk"])
+def test_killed_trainer_resumes_to_identical_weights(tiny_server, tmp_path, sae):
     # 128 steps, the first checkpoint after 8: the kill lands with most of the run still to go
-    args = dict(tokens=65536, checkpoint_every=4096)
+    args = dict(tokens=65536, checkpoint_every=4096, **sae)
     assert cli_main(train_args(tiny_server, tmp_path / "reference", **args)) == 0
 
     out = tmp_path / "killed"
