@@ -101,3 +101,61 @@ def test_bad_sae_input(tiny_cache, tmp_path, capsys):
         code = cli_main(["eval", "--sae", str(tmp_path / sae), "--cache", url, "--out", str(tmp_path / "r"), "--quiet"])
         err = capsys.readouterr().err.strip()
         assert code == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+@torch.no_grad()
+def test_ce_recovered_equals_saelens_run_evals(tiny_cache, tmp_path):
+    """Our CE clean / with SAE / zero-ablated and CE recovered equal SAELens's `run_evals` on the same SAE
+    and the same eval-split sequences, to 5 decimals, when both splice every position: ours with
+    exclude_bos=False, SAELens with exclude_special_tokens=False (its default masks every special token
+    in the SAE run but still zero-ablates it, which moves its number by ~0.001)."""
+    from datasets import Dataset
+    from google.protobuf import json_format
+    from sae_lens import SAE as LensSAE, ActivationsStore
+    from sae_lens.evals import EvalConfig, run_evals
+    from sae_lens.training.activation_scaler import ActivationScaler
+
+    from actserve.services.model import WeightProcessing, load_model
+    from actserve.services.shard_format import read_shard
+    from actserve.services.storage import open_url
+
+    url, manifest = tiny_cache
+    n, ctx, d = 4, manifest.config.context_size, manifest.d_model
+    # A partly faithful SAE: the exact +/- identity code with a noisy decoder, so 0 < CE recovered < 1.
+    sae = build_sae(SAEConfig("standard", d_in=d, d_sae=2 * d, hook_name=HOOK, context_size=ctx))
+    gen = torch.Generator().manual_seed(0)
+    eye = torch.eye(d)
+    sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
+    sae.W_dec.copy_(torch.cat([eye, -eye], dim=0) + torch.randn(2 * d, d, generator=gen) / d ** 0.5)
+    sae.b_enc.copy_(0.05 * torch.randn(2 * d, generator=gen))
+    sae.b_dec.zero_()
+    save_sae(sae, tmp_path / "noisy")
+
+    # One model for both, processed as the cache's was.
+    processing = json_format.MessageToDict(manifest.config.processing, preserving_proto_field_name=True)
+    model = load_model(manifest.config.model, processing=WeightProcessing(
+        **{k: bool(processing.get(k, False)) for k in WeightProcessing.__dataclass_fields__}))
+
+    (ours,) = evaluate(EvalOptions(saes=(str(tmp_path / "noisy"),), cache=url, out=str(tmp_path / "report"),
+                                   max_tokens=n * ctx, batch_sequences=n, exclude_bos=False),
+                       progress=False, model=model)
+    assert ours["positions"] == n * (ctx - 1)
+
+    # The same n sequences, first in the eval split, fed to SAELens as a pretokenized dataset.
+    fs, root = open_url(url)
+    tokens = read_shard(fs, root, manifest.eval.shards[0], columns=["token"]).column("token").to_numpy()
+    tokens = tokens.reshape(-1, ctx)[:n].astype("int64")
+    assert (tokens[:, 0] == manifest.bos_token_id).all()
+    lens_sae = LensSAE.load_from_disk(str(tmp_path / "noisy"))
+    store = ActivationsStore.from_sae(model, lens_sae, dataset=Dataset.from_dict({"input_ids": tokens.tolist()}),
+                                      context_size=ctx, streaming=False, store_batch_size_prompts=n)
+    metrics, _ = run_evals(lens_sae, store, model, ActivationScaler(),
+                           EvalConfig(batch_size_prompts=n, n_eval_reconstruction_batches=1, compute_ce_loss=True),
+                           exclude_special_tokens=False)
+    theirs = metrics["model_performance_preservation"]
+    print(f"CE recovered: actserve {ours['ce_recovered']:.6f}, SAELens run_evals {theirs['ce_loss_score']:.6f}")
+
+    assert 0.05 < ours["ce_recovered"] < 0.99, ours["ce_recovered"]
+    for key, lens_key in [("ce_clean", "ce_loss_without_sae"), ("ce_sae", "ce_loss_with_sae"),
+                          ("ce_zero", "ce_loss_with_ablation"), ("ce_recovered", "ce_loss_score")]:
+        assert ours[key] == pytest.approx(theirs[lens_key], abs=1e-5), (key, ours[key], theirs[lens_key])
