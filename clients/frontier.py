@@ -24,25 +24,32 @@ def plot_frontier(results: list[dict], path: str | Path, title: str = "") -> Pat
     # The Figure/Agg canvas API, not pyplot: no GUI, and the caller's global backend is untouched.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import ScalarFormatter
 
     points = [r for r in results if finite(r.get("l0")) and r["l0"] > 0]
     if len(points) < 2:
         return None
     figure = Figure(figsize=(11, 4.5))
     FigureCanvasAgg(figure)
-    architectures = sorted({str(r.get("architecture", "?")) for r in points})
+    # One series per architecture and hook: a line joins SAEs of one architecture on one set of
+    # activations, never points of different layers.
+    hooks = {r.get("hook") for r in points}
+    groups = sorted({(str(r.get("architecture", "?")), r.get("hook") or "") for r in points})
     for i, (key, label) in enumerate(PANELS):
         axes = figure.add_subplot(1, 2, i + 1)
-        for arch in architectures:
-            series = sorted((r["l0"], r[key]) for r in points
-                            if str(r.get("architecture", "?")) == arch and finite(r.get(key)))
+        for arch, hook in groups:
+            series = sorted((r["l0"], r[key]) for r in points if finite(r.get(key))
+                            and (str(r.get("architecture", "?")), r.get("hook") or "") == (arch, hook))
             if series:
-                axes.plot([x for x, _ in series], [y for _, y in series], marker="o", label=arch)
+                axes.plot([x for x, _ in series], [y for _, y in series], marker="o",
+                          label=arch if len(hooks) == 1 else f"{arch}, {hook}")
         axes.set_xscale("log")
+        axes.xaxis.set_major_formatter(ScalarFormatter())
+        axes.xaxis.set_minor_formatter(ScalarFormatter())
         axes.set_xlabel("L0 (active features per token)")
         axes.set_ylabel(label)
         axes.grid(True, which="both", alpha=0.3)
-        axes.legend(title="architecture")
+        axes.legend(title="architecture", fontsize="small")
     figure.suptitle(title or f"sparsity / fidelity frontier ({len(points)} SAEs)")
     figure.tight_layout()
     buffer = io.BytesIO()
