@@ -212,12 +212,15 @@ def add_dataclass_flags(p: argparse.ArgumentParser, cls) -> None:
         if kind is bool:
             p.add_argument(flag_name(f), action="store_true", **kwargs)
             continue
+        kwargs["metavar"] = flag_name(f)[2:].upper().replace("-", "_")
         if typing.get_origin(kind) is tuple:
             kwargs["type"] = csv_of(typing.get_args(kind)[0], flag_name(f))
+            kwargs["metavar"] += ",..."
         else:
             kwargs["type"] = next(t for t in (typing.get_args(kind) or (kind,)) if t is not type(None))
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
+            del kwargs["metavar"]
         p.add_argument(flag_name(f), **kwargs)
 
 
