@@ -15,6 +15,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 TEST_MODEL = dict(seed=0, n_layers=2, d_model=64, n_heads=4, n_ctx=64, vocab_size=512, max_steps=150)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny SAEs: intra-op threads only add overhead, and OpenMP's spin-waiting
+    collapses (10x slower here) when another process shares the two cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -14,12 +14,7 @@ D_SAE = 128
 BATCH = 256
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def input_scale(data_scale: float = 1.0) -> float:

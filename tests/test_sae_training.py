@@ -24,14 +24,7 @@ SETTINGS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These SAEs are tiny: intra-op threads only add overhead, and OpenMP's spin-waiting
-    # collapses (10x slower here) when another process shares the two cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_trainer(architecture, seed=0, train_cfg=None, **overrides):

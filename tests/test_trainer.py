@@ -139,6 +139,23 @@ def test_no_eval_sequence_in_a_training_stream(tiny_server, tiny_cache):
     assert len(seen) == sum(s.num_sequences for s in manifest.train.shards)
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--target-l0", "0"], "--target-l0 must be > 0"),
+    (["--arch", "topk"], "topk and batchtopk SAEs need --target-l0 (or --k)"),
+    (["--arch", "topk", "--k", "8", "--target-l0", "8"], "give --target-l0 or --k, not both"),
+    (["--arch", "sparse"], "--arch: unknown architecture ['sparse']"),
+    (["--recipe", "seed", "--arch", "topk", "--k", "8"], "--recipe seed trains standard SAEs only"),
+])
+def test_train_rejects_bad_sparsity_flags_before_writing_anything(tmp_path, capsys, flags, message):
+    out = tmp_path / "x"
+    argv = ["train", "--server", "grpc://127.0.0.1:1", "--cache", "c", "--hook", HOOKS[0], "--tokens", "100",
+            "--out", str(out), *flags]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("actserve: error: ") and message in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
 def test_train_rejects_a_hook_the_cache_lacks(tiny_server, tmp_path, capsys):
     args = train_args(tiny_server, tmp_path / "x")
     args[args.index("--hook") + 1] = "blocks.0.hook_mlp_out"
