@@ -17,6 +17,11 @@ controller otherwise). SAELens's topk/batchtopk take k = target; its standard, g
 trainers have no target-L0 control, so their coefficient is searched: a first run at the coefficient
 our controller ended at, then secant steps in log-log space (L0 ~ c^-a), --search-runs runs in all at
 the full token budget, and the run whose held-out L0 is closest to the target is reported.
+
+The table's figures come from `actserve eval`'s own code (clients/evaluator.py) on the whole eval
+split, BOS excluded: every SAE (SAELens's loaded into our classes, which give equal activations) has
+the input scale folded back in and is scored on raw activations, including CE recovered (spliced
+into the model at its hook), which equals SAELens's run_evals to 5 decimals under that definition.
 """
 import argparse
 import math
@@ -24,9 +29,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import sae_lens
 import torch
+from sae_lens.config import LoggingConfig, SAETrainerConfig
+from sae_lens.saes.sae import SAEMetadata
+from sae_lens.training.sae_trainer import SAETrainer
 
-from actserve.sae import SAEConfig, StreamingMetrics, Trainer, TrainConfig, build_sae
+from actserve.clients.evaluator import EvalOptions, evaluate as evaluate_saes
+from actserve.sae import SAEConfig, StreamingMetrics, Trainer, TrainConfig, build_sae, load_sae, save_sae
 from actserve.services.manifest import read_manifest
 from actserve.services.shard_format import decode_activations, read_shard
 from actserve.services.storage import open_url
@@ -81,15 +91,11 @@ def train_ours(arch, target, train, eval_x, args):
     result = evaluate(sae, eval_x)
     result["tokens_per_s"] = args.tokens / elapsed
     result["coefficient"] = stats.get("sparsity_coefficient")
+    result["sae"] = sae
     return result
 
 
 def train_saelens(arch, target, coefficient, train, eval_x, args):
-    import sae_lens
-    from sae_lens.config import LoggingConfig, SAETrainerConfig
-    from sae_lens.saes.sae import SAEMetadata
-    from sae_lens.training.sae_trainer import SAETrainer
-
     d_in = train.shape[1]
     n_steps = math.ceil(args.tokens / args.batch_size)
     common = dict(d_in=d_in, d_sae=args.d_sae, normalize_activations="none", metadata=SAEMetadata(hook_name=args.hook))
@@ -127,10 +133,19 @@ def train_saelens(arch, target, coefficient, train, eval_x, args):
     with tempfile.TemporaryDirectory() as tmp:
         sae.save_inference_model(tmp)
         inference = sae_lens.SAE.load_from_disk(tmp)
-    inference.eval()
+        inference.eval()
+        if getattr(inference.cfg, "rescale_acts_by_decoder_norm", False):
+            # SAELens's TopK ranks z * ||d_i|| and decodes f / ||d_i||: folding the norms into the
+            # encoder gives unit decoder rows, on which that rescaling is the identity.
+            inference.fold_W_dec_norm()
+            inference.cfg.rescale_acts_by_decoder_norm = False
+        folded = Path(tmp) / "folded"
+        inference.save_model(folded)
+        ours = load_sae(folded)  # the same SAE in our classes, for the CE evaluation
     result = evaluate(inference, eval_x)
     result["tokens_per_s"] = args.tokens / elapsed
     result["coefficient"] = coefficient
+    result["sae"] = ours
     return result
 
 
@@ -203,12 +218,26 @@ def main() -> None:
                 rows.append((arch, target, "saelens", theirs))
                 print(f"  saelens {arch} target {target}: L0 {theirs['l0']:.2f} EV {theirs['explained_variance']:.4f}", flush=True)
 
+    scored = score_on_model(rows, scale, args.cache)
     print()
-    print("| architecture | target L0 | library | L0 | variance explained | dead | dense (>1%) | tokens/s | coefficient: how found |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for arch, target, library, r in rows:
-        print(f"| {arch} | {target} | {library} | {r['l0']:.1f} | {r['explained_variance']:.4f} | {r['dead_features']:.0f} | "
-              f"{r['dense_features']:.0f} | {r['tokens_per_s']:,.0f} | {r['how']} |")
+    print("| architecture | target L0 | library | L0 | variance explained | CE recovered | dead | dense (>1%) | tokens/s | coefficient: how found |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for (arch, target, library, r), e in zip(rows, scored):
+        print(f"| {arch} | {target} | {library} | {e['l0']:.1f} | {e['explained_variance']:.4f} | {e['ce_recovered']:.4f} | "
+              f"{e['dead_features']:.0f} | {e['dense_features']:.0f} | {r['tokens_per_s']:,.0f} | {r['how']} |")
+
+
+def score_on_model(rows, scale: float, cache: str) -> list[dict]:
+    """`actserve eval`'s results for every row's SAE, with the input scale folded back in."""
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for i, (_, _, _, r) in enumerate(rows):
+            sae = r["sae"]
+            with torch.no_grad():
+                sae.fold_input_scale(scale)
+            paths.append(str(Path(tmp) / f"sae-{i}"))
+            save_sae(sae, paths[-1])
+        return evaluate_saes(EvalOptions(saes=tuple(paths), cache=cache, out=str(Path(tmp) / "eval")), progress=False)
 
 
 if __name__ == "__main__":

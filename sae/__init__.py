@@ -4,7 +4,7 @@ interface, a trainer with a target-L0 controller, streaming metrics and SAELens-
 Defaults assume inputs scaled to E||x||^2 = d_in; `SAE.fold_input_scale` makes the result act on
 raw activations.
 
-    from sae import SAEConfig, TrainConfig, Trainer, build_sae, save_sae
+    from actserve.sae import SAEConfig, TrainConfig, Trainer, build_sae, save_sae
     cfg = SAEConfig("jumprelu", d_in=768, d_sae=24576, hook_name="blocks.8.hook_resid_pre", target_l0=40)
     sae = build_sae(cfg, seed=0)
 """
