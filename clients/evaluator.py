@@ -199,6 +199,7 @@ TABLE_COLUMNS = [  # (header, result key, format): the seed's table, plus CE rec
     ("SAE", "name", "{}"), ("layer", "layer", "{}"), ("variance explained", "explained_variance", "{:.2%}"),
     ("L1", "l1", "{:.2f}"), ("L0", "l0", "{:.2f}"), ("% alive", "alive_fraction", "{:.1%}"),
     ("dead", "dead_features", "{:.0f}"), ("dense (>1%)", "dense_features", "{:.0f}"),
+    ("median log10 density", "median_log10_density", "{:.2f}"),
     ("CE with reconstruction", "ce_sae", "{:.3f}"), ("clean CE", "ce_clean", "{:.3f}"),
     ("zero-ablation CE", "ce_zero", "{:.3f}"), ("CE recovered", "ce_recovered", "{:.3f}"),
     ("KL", "kl_sae", "{:.4f}"), ("KL score", "kl_score", "{:.3f}"),

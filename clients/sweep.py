@@ -71,7 +71,7 @@ def evaluate_points(spec: SweepSpec, ok: list[dict], progress: bool) -> dict[str
 
 
 RESULT_COLUMNS = ["point", "status", "hook", "architecture", "d_sae", "explained_variance", "l0", "l1",
-                  "alive_fraction", "dense_features", "ce_clean", "ce_sae", "ce_zero", "ce_recovered",
+                  "alive_fraction", "dense_features", "median_log10_density", "ce_clean", "ce_sae", "ce_zero", "ce_recovered",
                   "kl_sae", "kl_score", "norm_ratio", "error"]
 
 

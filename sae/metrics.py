@@ -61,6 +61,8 @@ class StreamingMetrics:
         predictor outputting the mean scores 0 (the uncentred form gave it ~0.93; SAELens #659).
         norm_ratio: mean ||x_hat|| / ||x||, below 1 under feature suppression (002).
         l1_over_l0: mean L1 / mean L0, 1 when active features have unit activations (002).
+        median_log10_density: the median over features that fired of log10(firing frequency),
+        where a density histogram's mass sits (mean density is L0 / d_sae).
         """
         if self.n_tokens == 0:
             raise ValueError("no batches fed to StreamingMetrics.update yet")
@@ -81,6 +83,7 @@ class StreamingMetrics:
             "l1_over_l0": float(l1 / l0) if l0 > 0 else float("nan"),
             "dead_features": float((self.fire_counts == 0).sum()),
             "dense_features": float((density > DENSE_THRESHOLD).sum()),
+            "median_log10_density": float(density[density > 0].log10().median()) if (density > 0).any() else float("nan"),
         }
 
     def log10_feature_density(self) -> Tensor:

@@ -48,6 +48,7 @@ def test_streaming_metrics_match_the_whole_data_at_once():
     density = (f != 0).double().mean(dim=0)
     assert result["dead_features"] == 1
     assert result["dense_features"] == int((density > 1e-2).sum())
+    assert result["median_log10_density"] == pytest.approx(float(density[density > 0].log10().median()))
     torch.testing.assert_close(metrics.log10_feature_density(), torch.log10(density + 1e-10).float())
     assert metrics.log10_feature_density()[6] == pytest.approx(-10.0)
 
