@@ -27,11 +27,13 @@ from actserve.services.build import BuildOptions, build_cache
 from actserve.services.manifest import summary
 from actserve.services.ray_runtime import ensure_ray
 
-DEMO_EXPANSION = 8      # d_sae = 8 * d_model: the tiny model's residual stream is 128 wide
-DEMO_TARGET_L0 = 20     # every SAE ends at this L0 (the trainer's target_l0), so they compare at equal sparsity
+# d_sae = 16 * d_model = 2048 (the tiny model's residual stream is 128 wide) at L0 16: a mean
+# firing density of 16 / 2048 = 0.8%, so most features fire on well under 1% of tokens; at 8x
+# and L0 20 (2%) 400-800 of 1024 features were dense.
+DEMO_EXPANSION = 16
+DEMO_TARGET_L0 = 16     # every SAE ends at this L0 (the trainer's target_l0), so they compare at equal sparsity
 # 1M tokens at 1024 per step is ~1000 steps, enough for the L0 controller (it acts from 25% of the
-# steps); the library's 4096 would leave 244. Measured on blocks.2, 1M tokens: standard L0 21.3 /
-# EV 0.856, TopK 20.0 / 0.920, JumpReLU 12.2 / 0.872 (at 200k tokens standard reaches 20.4 / 0.633).
+# steps); the library's 4096 would leave 244.
 DEMO_BATCH_SIZE = 1024
 # The middle layer also gets these, side by side with its standard SAE at the same L0.
 DEMO_COMPARED_ARCHITECTURES = ("jumprelu", "topk")
