@@ -113,7 +113,7 @@ class StreamLease:
 class Admission:
     def __init__(self, memory_budget: int, max_streams: int, idle_timeout: float):
         self.memory_budget, self.max_streams, self.idle_timeout = memory_budget, max_streams, idle_timeout
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # re-entrant: a lease collected while it is held gives its reservation back
         self.leases: weakref.WeakSet[StreamLease] = weakref.WeakSet()  # for the watchdog; see StreamLease.__del__
         self.active = self.held = self.peak = self.refused = self.timed_out = 0
         self.baseline_rss_anon = resident_memory().get("RssAnon", 0)  # before any stream
