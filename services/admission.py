@@ -48,8 +48,12 @@ def use_returning_memory_pool() -> None:
     """Make this process's default pyarrow memory pool jemalloc returning freed pages to the system at
     once. pyarrow's default, mimalloc, keeps freed pages resident for a while: under 16 streams the
     server's RssAnon stood ~25% above what its pool had allocated. Process-wide: called where a
-    server process starts."""
-    pa.set_memory_pool(pa.jemalloc_memory_pool())
+    server process starts. A pyarrow built without jemalloc (macOS wheels) keeps its default."""
+    try:
+        pool = pa.jemalloc_memory_pool()
+    except NotImplementedError:
+        return
+    pa.set_memory_pool(pool)
     pa.jemalloc_set_decay_ms(0)
 
 
