@@ -271,9 +271,11 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-buffer-tokens", type=int, default=ServeOptions.max_buffer_tokens,
                    help="largest buffer_tokens a request may ask for")
     p.add_argument("--memory-budget-gb", type=float, default=ServeOptions.memory_budget_gb,
-                   help="shuffle-buffer memory all streams together may hold; a stream beyond it is refused (RESOURCE_EXHAUSTED)")
+                   help="memory all streams together may hold (buffers, reads, batches in flight; not the process's "
+                        "baseline nor the page cache); a stream beyond it is refused (RESOURCE_EXHAUSTED)")
     p.add_argument("--stream-memory-gb", type=float, default=ServeOptions.stream_memory_gb,
-                   help="shuffle-buffer memory one stream may hold; a request needing more is refused")
+                   help="memory one stream may hold (two buffer slices, the shard read, two batches); a request "
+                        "needing more is refused")
     p.add_argument("--max-streams", type=int, default=ServeOptions.max_streams, help="concurrent streams allowed")
     p.add_argument("--stream-idle-timeout", type=float, default=ServeOptions.stream_idle_timeout,
                    help="seconds a stream may wait for its client to read before the server ends it")

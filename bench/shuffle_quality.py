@@ -77,7 +77,7 @@ def main() -> None:
     shard_rows = SEQUENCES_PER_SHARD * CTX
     print(f"GPT-2 small layout: {len(manifest.train.shards):,} shards of {SEQUENCES_PER_SHARD} sequences, "
           f"row groups of {group // CTX} sequences, {args.tokens / 1e6:,.0f}M tokens; one hook, drop_bos")
-    one_gb = fitting_buffer_tokens(manifest, "train", HOOKS[:1], False, 1, 10**9)
+    one_gb = fitting_buffer_tokens(manifest, "train", HOOKS[:1], False, 1, 4096, "", 10**9)
     measure(manifest, "before: blocks of 4 whole shards", 4 * SEQUENCES_PER_SHARD * (CTX - 1), shard_rows, 4096,
             args.batches)
     measure(manifest, f"default buffer at --stream-memory-gb 1 ({one_gb / 1e6:.2f}M)", one_gb, group, 4096, args.batches)

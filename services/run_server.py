@@ -9,6 +9,7 @@ import time
 
 import ray
 
+from actserve.services.admission import use_returning_memory_pool
 from actserve.services.ray_runtime import ensure_ray
 from actserve.services.serve_options import ServeOptions, parse_cache_spec
 from actserve.services.server import ActivationServer
@@ -18,6 +19,7 @@ class ServerActor:
     """An ActivationServer inside a Ray actor (`ray.remote(ServerActor)`), serving on a thread."""
 
     def __init__(self, options: ServeOptions, port: int, token: str | None):
+        use_returning_memory_pool()
         self.server = ActivationServer(options, port, token)
         threading.Thread(target=self.server.serve, daemon=True, name="actserve-flight").start()
 
@@ -44,6 +46,7 @@ def serve(options: ServeOptions) -> None:
     token = options.token()
     names = ", ".join(f"{n}={u}" for n, u in map(parse_cache_spec, options.caches))
     if options.servers == 1:
+        use_returning_memory_pool()
         server = ActivationServer(options, token=token)
         print(server.location, flush=True)
         print(f"actserve: serving {names} at {server.location}{' (token required)' if token else ''}; "

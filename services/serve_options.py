@@ -52,8 +52,8 @@ class ServeOptions:
     max_buffer_tokens: int = 1 << 30
     peers: tuple[str, ...] = ()        # more grpc:// locations serving the same caches
     # Resource bounds (defaults fit a 24 GB machine next to its page cache and other work):
-    memory_budget_gb: float = 8.0      # buffer memory of all streams together
-    stream_memory_gb: float = 1.0      # buffer memory of one stream (stream_plan.buffer_memory)
+    memory_budget_gb: float = 8.0      # memory all streams reserve together, above the process's baseline
+    stream_memory_gb: float = 1.0      # memory one stream reserves (stream_plan.StreamMemory)
     max_streams: int = 64              # concurrent streams
     stream_idle_timeout: float = 300.0 # seconds a stream may wait for its client to read
     expose_urls: bool = False          # list-caches and errors show the caches' storage URLs

@@ -25,7 +25,7 @@ from google.protobuf.message import DecodeError
 
 from actserve import __version__
 from actserve.proto.stream_pb2 import CacheList, HealthResult, ListCachesRequest, ServerStats, UnavailableCache
-from actserve.services.admission import Admission, StreamEnded, StreamLease
+from actserve.services.admission import Admission, StreamEnded, StreamLease, resident_memory
 from actserve.services.block_reader import cut_batches, stream_buffers
 from actserve.services.serve_options import ServeOptions, parse_cache_spec
 from actserve.services.shard_cache import ShardCache
@@ -169,7 +169,7 @@ class ActivationServer(flight.FlightServerBase):
     def do_get(self, context, ticket):
         with self.flight_errors():
             source, plan = self.plan(ticket.ticket)
-            lease = self.admission.admit(plan.memory_bytes)
+            lease = self.admission.admit(plan.memory.total, plan.memory.pinned)
         return flight.GeneratorStream(plan.schema, self.counted(source, plan, context, lease))
 
     def list_actions(self, context):
@@ -212,6 +212,11 @@ class ActivationServer(flight.FlightServerBase):
         with a.lock:
             memory = dict(memory_held_bytes=a.held, memory_peak_bytes=a.peak, streams_refused=a.refused,
                           streams_timed_out=a.timed_out)
+        process = resident_memory()
+        pool = pa.default_memory_pool()
+        memory.update(rss_anon_bytes=process.get("RssAnon", 0), rss_file_bytes=process.get("RssFile", 0),
+                      rss_anon_baseline_bytes=a.baseline_rss_anon, arrow_allocated_bytes=pool.bytes_allocated(),
+                      arrow_peak_bytes=pool.max_memory())
         cache = self.shard_cache
         return ServerStats(**counters, **memory, max_batch_size=self.options.max_batch_size,
                            default_buffer_tokens=self.options.buffer_tokens, max_buffer_tokens=self.options.max_buffer_tokens,
@@ -233,7 +238,7 @@ class ActivationServer(flight.FlightServerBase):
                     lease.resumed()
             ok = True
         finally:
-            lease.end()
+            lease.finish()
             self.stats.ended(ok)
 
     @contextlib.contextmanager

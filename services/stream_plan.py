@@ -37,12 +37,37 @@ class StreamPlan:
     d_model: int
     row_bytes: int             # bytes of one sent row
     consumer_rows: int | None  # rows of this consumer's epoch; None while a followed cache grows
-    memory_bytes: int          # server memory the stream's buffers take at most (buffer_memory)
+    memory: StreamMemory       # what the stream holds at most
 
 
-# Buffers a stream's memory holds at once: the one being sent and the next one, assembled on the
-# reader thread one shard's row groups at a time (plus those, at most one shard's columns).
-BUFFERS_HELD = 2
+# What one stream holds at once (stream_memory):
+BUFFERS_HELD = 2       # of its buffer slices: the one being sent and the next, read on the reader thread
+BATCHES_IN_FLIGHT = 2  # the batch gRPC is sending and the next being cut
+INDEX_BYTES = 8        # int64 row indices while a buffer is read: its whole permutation, and per slice row
+INDEXES_PER_ROW = 4    # the rows read, their order, their destinations and the drop_bos shift
+
+
+@dataclass(frozen=True)
+class StreamMemory:
+    """Bytes one stream holds at most, by what holds them."""
+    buffers: int   # BUFFERS_HELD of this consumer's slices of the largest buffer, requested columns, cache dtype
+    reading: int   # reading the next buffer: one shard's requested columns as Parquet decodes them, the row indices
+    batches: int   # BATCHES_IN_FLIGHT batches, each sent rows plus the cache-dtype rows they are made of (a batch
+                   # that spans two buffers is concatenated; float32 is converted from the cache's dtype)
+
+    @property
+    def total(self) -> int:
+        return self.buffers + self.reading + self.batches
+
+    @property
+    def pinned(self) -> int:
+        """What a stream ended while its call still runs (the idle timeout) can go on holding until the
+        call returns: the slice being sent (the batch gRPC holds is a view of it) and the batches."""
+        return self.buffers // BUFFERS_HELD + self.batches
+
+    def describe(self) -> str:
+        return (f"{self.total / 1e6:,.1f} MB ({self.buffers / 1e6:,.1f} MB of {BUFFERS_HELD} buffers, "
+                f"{self.reading / 1e6:,.1f} MB reading, {self.batches / 1e6:,.1f} MB of {BATCHES_IN_FLIGHT} batches in flight)")
 
 
 def group_rows(manifest: Manifest) -> int:
@@ -56,6 +81,11 @@ def cached_row_bytes(manifest: Manifest, hooks: list[str], include_meta: bool) -
     return len(hooks) * manifest.d_model * bytes_per_value(manifest.config.dtype) + (16 if include_meta else 0)
 
 
+def sent_row_bytes(manifest: Manifest, hooks: list[str], include_meta: bool, dtype: str) -> int:
+    """Bytes of one row as sent: in `dtype` ('' for the cache's)."""
+    return len(hooks) * manifest.d_model * bytes_per_value(dtype or manifest.config.dtype) + (16 if include_meta else 0)
+
+
 def largest_shard_rows(manifest: Manifest, split_name: str) -> int:
     config = manifest.config
     return max([s.num_rows for s in getattr(manifest, split_name).shards] + [config.sequences_per_shard * config.context_size])
@@ -65,21 +95,35 @@ def largest_piece_rows(manifest: Manifest, split_name: str) -> int:
     return min(group_rows(manifest), largest_shard_rows(manifest, split_name))
 
 
-def buffer_memory(manifest: Manifest, split_name: str, hooks: list[str], include_meta: bool,
-                  buffer_tokens: int, num_consumers: int) -> int:
-    """Bytes of the requested columns (in the cache's dtype) a stream holds at most: BUFFERS_HELD
-    of this consumer's slices of the largest buffer (buffer_tokens plus one piece), and one
-    shard's row groups being read into the next."""
-    slice_rows = -(-(buffer_tokens + largest_piece_rows(manifest, split_name)) // num_consumers)
+def stream_memory(manifest: Manifest, split_name: str, hooks: list[str], include_meta: bool, buffer_tokens: int,
+                  num_consumers: int, batch_size: int, dtype: str = "") -> StreamMemory:
+    """What a stream of these columns, buffer and batch size holds at most (StreamMemory). The
+    largest buffer holds buffer_tokens plus one piece."""
+    buffer_rows = buffer_tokens + largest_piece_rows(manifest, split_name)
+    slice_rows = -(-buffer_rows // num_consumers)
     row_bytes = cached_row_bytes(manifest, hooks, include_meta)
-    return (BUFFERS_HELD * slice_rows + largest_shard_rows(manifest, split_name)) * row_bytes
+    return StreamMemory(
+        buffers=BUFFERS_HELD * slice_rows * row_bytes,
+        reading=largest_shard_rows(manifest, split_name) * row_bytes
+        + INDEX_BYTES * (buffer_rows + INDEXES_PER_ROW * slice_rows),
+        batches=BATCHES_IN_FLIGHT * batch_size * (sent_row_bytes(manifest, hooks, include_meta, dtype) + row_bytes),
+    )
 
 
 def fitting_buffer_tokens(manifest: Manifest, split_name: str, hooks: list[str], include_meta: bool,
-                          num_consumers: int, memory_bytes: int) -> int:
-    """The largest buffer_tokens whose buffer_memory is within memory_bytes (0 if none is)."""
-    rows = memory_bytes // cached_row_bytes(manifest, hooks, include_meta) - largest_shard_rows(manifest, split_name)
-    return max(0, rows // BUFFERS_HELD * num_consumers - largest_piece_rows(manifest, split_name))
+                          num_consumers: int, batch_size: int, dtype: str, memory_bytes: int) -> int:
+    """The largest buffer_tokens whose stream_memory is within memory_bytes (0 if none is)."""
+    def fits(tokens: int) -> bool:
+        return stream_memory(manifest, split_name, hooks, include_meta, tokens, num_consumers, batch_size,
+                             dtype).total <= memory_bytes
+
+    lo, hi = 0, 1  # fits(lo) or lo == 0; not fits(hi)
+    while fits(hi):
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:  # stream_memory grows with buffer_tokens
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
 
 
 def decode_request(raw: bytes) -> StreamRequest:
@@ -112,20 +156,21 @@ def plan_stream(request: StreamRequest, manifest: Manifest, cache_name: str, lim
     if request.buffer_tokens > limits.max_buffer_tokens:
         raise ValueError(f"buffer_tokens {request.buffer_tokens:,} exceeds this server's limit of "
                          f"{limits.max_buffer_tokens:,} (--max-buffer-tokens)")
-    fits = fitting_buffer_tokens(manifest, split_name, hooks, request.include_meta, num_consumers,
-                                 limits.stream_memory_bytes)
-    buffer_tokens = request.buffer_tokens or min(limits.buffer_tokens, fits)
-    memory = buffer_memory(manifest, split_name, hooks, request.include_meta, buffer_tokens, num_consumers)
-    if buffer_tokens < 1 or memory > limits.stream_memory_bytes:
-        raise ValueError(
-            f"buffer_tokens {buffer_tokens:,} with {len(hooks)} hooks and {num_consumers} consumers needs "
-            f"{memory / 1e6:,.1f} MB of server memory ({BUFFERS_HELD} buffers held), over this server's per-stream "
-            f"limit of {limits.stream_memory_bytes / 1e6:,.1f} MB (--stream-memory-gb): ask for at most "
-            f"{fits:,} buffer_tokens, or fewer hooks")
     if not 1 <= request.batch_size <= limits.max_batch_size:
         raise ValueError(f"batch_size must be in 1..{limits.max_batch_size} tokens, got {request.batch_size}")
     if request.dtype not in ("", config.dtype, "float32"):
         raise ValueError(f"dtype {request.dtype!r} is not served; ask for '' (the cache's {config.dtype}) or 'float32'")
+    shape = (manifest, split_name, hooks, request.include_meta)
+    fits = fitting_buffer_tokens(*shape, num_consumers, request.batch_size, request.dtype, limits.stream_memory_bytes)
+    buffer_tokens = request.buffer_tokens or min(limits.buffer_tokens, fits)
+    memory = stream_memory(*shape, max(buffer_tokens, 1), num_consumers, request.batch_size, request.dtype)
+    if memory.total > limits.stream_memory_bytes:
+        ask = (f"ask for at most {fits:,} buffer_tokens, or fewer hooks" if fits else
+               "ask for a smaller batch_size or fewer hooks")
+        raise ValueError(
+            f"buffer_tokens {max(buffer_tokens, 1):,} with {len(hooks)} hooks, {num_consumers} consumers and batch_size "
+            f"{request.batch_size:,} needs {memory.describe()} of server memory, over this server's per-stream "
+            f"limit of {limits.stream_memory_bytes / 1e6:,.1f} MB (--stream-memory-gb): {ask}")
     order = Order(
         seed=request.seed, epoch=request.epoch, buffer_tokens=buffer_tokens, context_size=config.context_size,
         group_rows=group_rows(manifest),

@@ -2,13 +2,16 @@
 stream limit, the idle timeout, bounded error messages, caches that cannot be opened."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
 from actserve.proto.stream_pb2 import CacheList, HealthResult, ServerStats, StreamRequest
 from actserve.services.manifest import read_manifest
-from actserve.services.stream_plan import buffer_memory
+from actserve.services.stream_plan import stream_memory
 from actserve.services.serve_options import ServeOptions
 from actserve.testing import SyntheticSpec, write_synthetic_cache
 from streamkit import running_server, wait_until
@@ -38,7 +41,7 @@ def stats(location: str) -> ServerStats:
 
 
 def test_stalled_streams_stay_within_the_memory_budget(cache):
-    stream_bytes = buffer_memory(read_manifest(cache), "train", list(SPEC.hooks), False, SHARD_ROWS, 1)
+    stream_bytes = stream_memory(read_manifest(cache), "train", list(SPEC.hooks), False, SHARD_ROWS, 1, 64).total
     budget_gb = 10 * stream_bytes / 1e9  # room for 10 streams of one-shard buffers
     with running_server([cache], memory_budget_gb=budget_gb, stream_memory_gb=budget_gb) as server:
         client = flight.connect(server.location)
@@ -62,9 +65,9 @@ def test_stalled_streams_stay_within_the_memory_budget(cache):
 def test_a_buffer_over_the_stream_memory_is_refused_up_front(cache):
     with running_server([cache], stream_memory_gb=0.01) as server:
         client = flight.connect(server.location)
-        with pytest.raises(pa.ArrowInvalid, match=r"buffer_tokens 4,096 with 2 hooks and 1 consumers needs .* over this "
-                                                  r"server's per-stream limit of 10.0 MB \(--stream-memory-gb\): ask for "
-                                                  r"at most [\d,]+ buffer_tokens"):
+        with pytest.raises(pa.ArrowInvalid, match=r"buffer_tokens 4,096 with 2 hooks, 1 consumers and batch_size 64 needs "
+                                                  r"[\d.]+ MB \([\d.]+ MB of 2 buffers, .* over this server's per-stream "
+                                                  r"limit of 10.0 MB \(--stream-memory-gb\): ask for at most [\d,]+ buffer_tokens"):
             client.do_get(ticket(buffer_tokens=8 * SHARD_ROWS)).read_all()
         assert client.do_get(ticket(hooks=[SPEC.hooks[0]])).read_all().num_rows > 0
         # the default buffer is lowered to what the stream's columns fit in, and the ticket says so
@@ -73,8 +76,41 @@ def test_a_buffer_over_the_stream_memory_is_refused_up_front(cache):
         resolved = StreamRequest.FromString(info.endpoints[0].ticket.ticket)
         manifest = read_manifest(cache)
         assert 0 < resolved.buffer_tokens < ServeOptions.buffer_tokens
-        assert buffer_memory(manifest, "train", list(SPEC.hooks), False, resolved.buffer_tokens, 1) <= 0.01e9
-        assert buffer_memory(manifest, "train", list(SPEC.hooks), False, resolved.buffer_tokens + 2, 1) > 0.01e9
+        memory = [stream_memory(manifest, "train", list(SPEC.hooks), False, tokens, 1, 64).total
+                  for tokens in (resolved.buffer_tokens, resolved.buffer_tokens + 1)]
+        assert memory[0] <= 0.01e9 < memory[1]
+
+
+def test_batches_over_the_stream_memory_are_refused_up_front(cache):
+    with running_server([cache], stream_memory_gb=0.01) as server:
+        with pytest.raises(pa.ArrowInvalid, match=r"with 2 hooks, 1 consumers and batch_size 8,192 needs .* MB of 2 "
+                                                  r"batches in flight\) of server memory, over this server's per-stream "
+                                                  r"limit of 10.0 MB \(--stream-memory-gb\): ask for a smaller batch_size"):
+            flight.connect(server.location).do_get(ticket(batch_size=8192, dtype="float32", buffer_tokens=0)).read_all()
+
+
+CLIENT_KILLED_MID_STREAM = """
+import os, signal, sys
+import pyarrow.flight as flight
+reader = flight.connect(sys.argv[1]).do_get(flight.Ticket(bytes.fromhex(sys.argv[2])))
+reader.read_chunk()
+reader.read_chunk()
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_clients_that_go_away_mid_stream_give_back_its_memory(cache):
+    with running_server([cache]) as server:
+        raw = ticket().ticket
+        subprocess.run([sys.executable, "-c", CLIENT_KILLED_MID_STREAM, server.location, raw.hex()])
+        reader = flight.connect(server.location).do_get(flight.Ticket(raw))
+        reader.read_chunk()
+        reader.cancel()
+        wait_until(lambda: stats(server.location).streams_failed == 2, what="both streams ended")
+        s = stats(server.location)
+        assert s.memory_held_bytes == 0 and s.streams_active == 0 and s.memory_peak_bytes > 0
+        # the process as the kernel and pyarrow count it, next to the reservations
+        assert min(s.rss_anon_bytes, s.rss_anon_baseline_bytes, s.rss_file_bytes, s.arrow_peak_bytes) > 0
 
 
 def test_stream_limit(cache):
@@ -88,14 +124,17 @@ def test_stream_limit(cache):
 
 
 def test_stalled_stream_is_ended_after_its_idle_timeout(cache):
+    memory = stream_memory(read_manifest(cache), "train", list(SPEC.hooks), False, SHARD_ROWS, 1, 64)
     with running_server([cache], stream_idle_timeout=0.2) as server:
         reader = flight.connect(server.location).do_get(ticket())
         reader.read_chunk()
         wait_until(lambda: stats(server.location).streams_timed_out == 1, what="the idle timeout")
-        assert stats(server.location).memory_held_bytes == 0
+        # its buffers are dropped; what the blocked write holds stays reserved until the call is over
+        assert stats(server.location).memory_held_bytes == memory.pinned < memory.total
         with pytest.raises(flight.FlightServerError, match=r"read nothing for 0.2 s \(--stream-idle-timeout\)"):
             while True:
                 reader.read_chunk()
+        wait_until(lambda: stats(server.location).memory_held_bytes == 0, what="the rest given back")
 
 
 def test_a_huge_hooks_list_gets_a_short_error(cache):
