@@ -52,7 +52,6 @@ class ModelHost:
             "bos_token_id": tok.bos_token_id,
             "tokenizer": tok.name_or_path,
             "device": str(self.device),
-            "torch_threads": torch.get_num_threads(),
         }
 
     def tokenizer(self):
