@@ -1,10 +1,10 @@
 """`actserve cache build`: tokens -> ModelHost actors -> Parquet shards -> committed manifest.
 
-The driver tokenizes, hands each shard's sequences to a ModelHost actor (round robin, a bounded
-number in flight), and commits finished shards strictly in order: after shard k is written, the
-manifest listing shards 0..k replaces the old one in one write. The split of the token stream into
-shards is a pure function of the config, so a rerun after a crash skips the committed prefix and
-produces byte-identical shards.
+The driver tokenizes, hands each shard's sequences to a ModelHost actor (round robin, two in flight
+per actor: one in its forward while the other is written), and commits finished shards strictly in
+order: after shard k is written, the manifest listing shards 0..k replaces the old one in one write.
+The split of the token stream into shards is a pure function of the config, so a rerun after a
+crash skips the committed prefix and produces byte-identical shards.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from actserve.services.manifest import (
     FORMAT_VERSION, SPLITS, add_stats, config_differences, read_manifest, write_manifest,
 )
 from actserve.services.model import WeightProcessing
-from actserve.services.model_host import ModelHost
+from actserve.services.model_host import CONCURRENT_SHARDS, ModelHost, cpu_forward_threads
 from actserve.services.ray_runtime import ensure_ray
 from actserve.services.shard_format import DTYPES, shard_path
 from actserve.services.storage import CacheError, check_writable, open_url, remove_temporaries
@@ -79,9 +79,11 @@ def model_reference(model: str) -> str:
 def start_model_hosts(opts: BuildOptions) -> list:
     # The driver may run on a CPU-only head node: ask the cluster, not this process, for GPUs.
     gpu = opts.device == "cuda" or (opts.device is None and ray.cluster_resources().get("GPU", 0) > 0)
-    resources = {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": max(1, (os.cpu_count() or 1) // opts.actors)}
-    actor_class = ray.remote(**resources)(ModelHost)
-    return [actor_class.remote(opts.model, opts.processing, opts.device) for _ in range(opts.actors)]
+    cpus = 1 if gpu else max(1, (os.cpu_count() or 1) // opts.actors)
+    resources = {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": cpus}
+    actor_class = ray.remote(max_concurrency=CONCURRENT_SHARDS, **resources)(ModelHost)
+    threads = None if gpu else cpu_forward_threads(cpus)
+    return [actor_class.remote(opts.model, opts.processing, opts.device, threads) for _ in range(opts.actors)]
 
 
 def sequences_per_shard(opts: BuildOptions, n_hooks: int, d_model: int) -> int:
@@ -182,11 +184,11 @@ def run_build(opts: BuildOptions, manifest: Manifest, hosts: list, tokenizer, in
     bar = tqdm(total=total, initial=done_tokens, unit="tok", unit_scale=True, desc="cache build",
                disable=not progress, smoothing=0.1)
 
-    in_flight: dict = {}  # ObjectRef -> task order
+    in_flight: dict = {}  # ObjectRef -> (task order, split, shard path)
     finished: dict[int, dict] = {}
     next_commit = 0
     tasks = enumerate(shard_tasks(manifest, sequences))
-    max_in_flight = 2 * len(hosts)
+    max_in_flight = CONCURRENT_SHARDS * len(hosts)
     exhausted = False
     while True:
         while not exhausted and len(in_flight) < max_in_flight:
@@ -196,17 +198,18 @@ def run_build(opts: BuildOptions, manifest: Manifest, hosts: list, tokenizer, in
                 exhausted = True
                 break
             host = hosts[order % len(hosts)]
+            path = shard_path(split, index)
             ref = host.write_shard.remote(
-                opts.out, opts.storage_options, shard_path(split, index), tokens, first_id,
+                opts.out, opts.storage_options, path, tokens, first_id,
                 list(cfg.hooks), cfg.dtype, cfg.batch_sequences, cfg.prepend_bos,
             )
-            in_flight[ref] = (order, split)
+            in_flight[ref] = (order, split, path)
         if not in_flight:
             break
         ready, _ = ray.wait(list(in_flight), num_returns=1)
         for ref in ready:
-            order, split = in_flight.pop(ref)
-            finished[order] = (split, ray.get(ref))
+            order, split, path = in_flight.pop(ref)
+            finished[order] = (split, shard_result(ref, path, opts.out))
         while next_commit in finished:  # commit strictly in order
             split, result = finished.pop(next_commit)
             commit_shard(fs, root, manifest, split, result)
@@ -223,6 +226,19 @@ def run_build(opts: BuildOptions, manifest: Manifest, hosts: list, tokenizer, in
             s.planned_shards = len(s.shards)
     manifest.complete = True
     write_manifest(fs, root, manifest)
+
+
+def shard_result(ref, path: str, url: str) -> dict:
+    """A finished write_shard call's result. An error raised by the host arrives as itself (Ray
+    wraps it as the same type); a host process that died (killed, out of memory) becomes one
+    CacheError naming the shard. Either way nothing uncommitted is in the manifest."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayActorError as e:
+        raise CacheError(
+            f"the model host writing {path} of {url} died before finishing it ({type(e).__name__}); "
+            "the shards committed before it are kept: rerun the same command to resume"
+        ) from e
 
 
 def commit_shard(fs, root: str, manifest: Manifest, split: str, result: dict) -> None:

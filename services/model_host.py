@@ -4,8 +4,14 @@ Every requested hook comes from ONE forward pass (`run_with_cache` with a names 
 after the last block any hook needs), activations are cast to the cache dtype on the device, and
 the actor writes the finished shard straight to storage: only the shard's metadata and statistics
 travel back to the builder.
+
+The actor takes two `write_shard` calls at once (`CONCURRENT_SHARDS`): a lock lets one run its
+forward while the other encodes and writes the shard before it, so the model never waits for
+storage. Per-hook statistics accumulate on the device and are read once per shard.
 """
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 import torch
@@ -14,12 +20,27 @@ from actserve.services.shard_format import DTYPES, write_shard
 from actserve.services.storage import open_url
 from actserve.services.model import WeightProcessing, layers_needed, load_model, resolve_hooks
 
+CONCURRENT_SHARDS = 2  # the actor's max_concurrency: one shard in the forward, one being written
+
+
+def cpu_forward_threads(cpus: int) -> int:
+    """Torch threads for a forward on `cpus` CPU cores while a shard is written beside it: one core
+    is left to the writer (Parquet encoding, sha256, fsync), since an OpenMP forward that shares
+    every core with another busy thread stalls at each barrier waiting for the preempted thread."""
+    return max(1, cpus - 1)
+
 
 class ModelHost:
-    def __init__(self, model: str, processing: WeightProcessing, device: str | None = None):
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = load_model(model, device=self.device, processing=processing)
+    def __init__(self, model: str, processing: WeightProcessing, device: str | None = None,
+                 cpu_threads: int | None = None):
+        """`cpu_threads`: torch's thread count for this process when the forward runs on the CPU
+        (the actor owns its process); None leaves it as it is."""
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cpu" and cpu_threads:
+            torch.set_num_threads(cpu_threads)
+        self.model = load_model(model, device=str(self.device), processing=processing)
         self.model.eval()
+        self.forward_lock = threading.Lock()
 
     def describe(self) -> dict:
         cfg, tok = self.model.cfg, self.model.tokenizer
@@ -30,7 +51,7 @@ class ModelHost:
             "n_layers": cfg.n_layers,
             "bos_token_id": tok.bos_token_id,
             "tokenizer": tok.name_or_path,
-            "device": self.device,
+            "device": str(self.device),
         }
 
     def tokenizer(self):
@@ -56,28 +77,35 @@ class ModelHost:
         self, tokens: np.ndarray, hooks: list[str], dtype: str, batch_sequences: int, skip_bos: bool
     ) -> tuple[dict[str, torch.Tensor], dict[str, tuple]]:
         """Activations {hook: [n_seq * ctx, d_model] CPU tensor of dtype} and per-hook float64
-        sums (vector sum, norm sum, squared-norm sum, count), position 0 left out when skip_bos."""
+        sums (vector sum, norm sum, squared-norm sum, count), position 0 left out when skip_bos.
+
+        On CUDA the activations are cast on the device (half the bytes cross the bus for 16-bit
+        dtypes) and copied asynchronously into pinned host memory; the one synchronisation is at
+        the end of the shard. On CPU, copy_ casts in its single pass over the values."""
         n_seq, ctx = tokens.shape
         d_model = self.model.cfg.d_model
-        out = {h: torch.empty((n_seq * ctx, d_model), dtype=DTYPES[dtype]) for h in hooks}
-        sums = {h: [torch.zeros(d_model, dtype=torch.float64, device=self.device), 0.0, 0.0, 0] for h in hooks}
+        cuda = self.device.type == "cuda"
+        out_dtype = DTYPES[dtype]
+        out = {h: torch.empty((n_seq, ctx, d_model), dtype=out_dtype, pin_memory=cuda) for h in hooks}
+        vector_sums = torch.zeros((len(hooks), d_model), dtype=torch.float64, device=self.device)
+        norm_sums = torch.zeros((len(hooks), 2), dtype=torch.float64, device=self.device)  # sum |x|, sum |x|^2
         stop = layers_needed(hooks, self.model.cfg.n_layers)
         all_tokens = torch.from_numpy(tokens)
         for start in range(0, n_seq, batch_sequences):
             batch = all_tokens[start:start + batch_sequences].to(self.device)
             _, cache = self.model.run_with_cache(batch, names_filter=hooks, stop_at_layer=stop)
-            rows = slice(start * ctx, start * ctx + batch.numel())
-            for h in hooks:
+            for i, h in enumerate(hooks):
                 acts = cache[h]  # [batch, ctx, d_model] float32, on device
                 body = (acts[:, 1:] if skip_bos else acts).reshape(-1, d_model)
                 norms = body.norm(dim=-1).double()
-                s = sums[h]
-                s[0] += body.sum(0, dtype=torch.float64)
-                s[1] += norms.sum().item()
-                s[2] += norms.square().sum().item()
-                s[3] += body.shape[0]
-                out[h][rows].copy_(acts.reshape(-1, d_model).to(DTYPES[dtype]))  # cast on device
-        return out, {h: (s[0].cpu().numpy(), s[1], s[2], s[3]) for h, s in sums.items()}
+                vector_sums[i] += body.sum(0, dtype=torch.float64)
+                norm_sums[i, 0] += norms.sum()
+                norm_sums[i, 1] += norms.square().sum()
+                out[h][start:start + len(batch)].copy_(acts.to(out_dtype) if cuda else acts, non_blocking=cuda)
+        vector_sums, norm_sums = vector_sums.cpu().numpy(), norm_sums.cpu().numpy()  # waits for the copies too
+        count = n_seq * (ctx - 1 if skip_bos else ctx)
+        return ({h: out[h].view(-1, d_model) for h in hooks},
+                {h: (vector_sums[i], float(norm_sums[i, 0]), float(norm_sums[i, 1]), count) for i, h in enumerate(hooks)})
 
     def write_shard(
         self,
@@ -91,8 +119,10 @@ class ModelHost:
         batch_sequences: int,
         skip_bos: bool,
     ) -> dict:
-        """Compute and write one shard (not yet committed: the builder lists it in the manifest)."""
-        acts, sums = self.activations(tokens, hooks, dtype, batch_sequences, skip_bos)
+        """Compute and write one shard (not yet committed: the builder lists it in the manifest).
+        The forward holds the lock; the write runs outside it, beside the next call's forward."""
+        with self.forward_lock:
+            acts, sums = self.activations(tokens, hooks, dtype, batch_sequences, skip_bos)
         fs, root = open_url(url, storage_options)
         written = write_shard(fs, f"{root}/{path}", tokens, first_sequence, acts, hooks, dtype)
         return {"path": path, "num_rows": tokens.size, "num_bytes": written.size, "sha256": written.sha256,

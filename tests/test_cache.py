@@ -1,6 +1,7 @@
 """The activation cache: real model actors on a local Ray, real Parquet files, local disk and S3."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -265,5 +266,83 @@ def test_full_disk_is_one_line_and_the_build_resumes(small_disk, tiny_model, cor
         # what the manifest lists is whole; the one problem is that the build did not finish
         assert [p for p in verify_cache(str(out)) if "interrupted" not in p] == []
     subprocess.run(["mount", "-o", "remount,size=16m", str(small_disk)], check=True)
+    assert cli_main(cli_build_args(tiny_model, corpus, out)) == 0
+    assert read_manifest(str(out)).complete and verify_cache(str(out)) == []
+
+
+# --- a model host that cannot finish a shard: one line, the committed prefix kept, resumable ----
+
+
+def test_failed_shard_write_is_one_line_and_the_build_resumes(tiny_model, corpus, ray_session, tmp_path, capsys):
+    from actserve.services.verify import verify_cache
+
+    out = tmp_path / "cache"
+    out.mkdir()
+    (out / "train").write_text("a file where the train shards' directory goes")  # every train write fails
+    err = run_cli_error(capsys, cli_build_args(tiny_model, corpus, out))
+    assert "train" in err and "File exists" in err, err
+    interrupted = read_manifest(str(out))
+    assert not interrupted.complete and not interrupted.train.shards
+    assert [p for p in verify_cache(str(out)) if "interrupted" not in p] == []  # what it lists is whole
+    (out / "train").unlink()
+    assert cli_main(cli_build_args(tiny_model, corpus, out)) == 0
+    assert read_manifest(str(out)).complete and verify_cache(str(out)) == []
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc: Ray's workers are children of its raylet)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [p for p, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def model_host_processes(pid: int) -> list[int]:
+    hosts = []
+    for child in descendants(pid):
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{child}/cmdline").read_bytes().startswith(b"ray::ModelHost"):
+                hosts.append(child)
+    return hosts
+
+
+def test_killed_model_host_is_one_line_and_the_build_resumes(tiny_model, corpus, ray_session, tmp_path):
+    from actserve.services.verify import verify_cache
+
+    out = tmp_path / "killed-host"
+    cmd = [sys.executable, "-m", "actserve", *cli_build_args(tiny_model, corpus, out)]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:  # a few shards committed, then the model host dies mid-build
+            m = read_manifest(str(out))
+            if m is not None and len(m.train.shards) >= 2 and model_host_processes(proc.pid):
+                break
+            assert proc.poll() is None, "the build finished before its model host could be killed"
+            time.sleep(0.05)
+        for host in model_host_processes(proc.pid):
+            os.kill(host, signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)  # no hang: the builder stops on its own
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 2, err
+    ours = [line for line in err.splitlines() if line.startswith("actserve")]  # Ray logs its own start
+    assert len(ours) == 1 and ours[0].startswith("actserve: error: the model host writing "), err
+    assert "died" in ours[0] and "rerun" in ours[0]
+    interrupted = read_manifest(str(out))
+    assert not interrupted.complete and len(interrupted.train.shards) >= 2
+    assert [p for p in verify_cache(str(out)) if "interrupted" not in p] == []
     assert cli_main(cli_build_args(tiny_model, corpus, out)) == 0
     assert read_manifest(str(out)).complete and verify_cache(str(out)) == []
