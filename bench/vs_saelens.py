@@ -183,7 +183,12 @@ def main() -> None:
     parser.add_argument("--libraries", default="ours,saelens")
     parser.add_argument("--search-runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--from-logs", nargs="+", metavar="LOG",
+                        help="train nothing: print the equal-L0 comparison from the tables that earlier runs printed")
     args = parser.parse_args()
+    if args.from_logs:
+        print_equal_l0([row for log in args.from_logs for row in printed_rows(Path(log).read_text())])
+        return
     torch.set_num_threads(args.threads)
 
     train, manifest = load_split(args.cache, args.hook, "train")
@@ -225,6 +230,53 @@ def main() -> None:
     for (arch, target, library, r), e in zip(rows, scored):
         print(f"| {arch} | {target} | {library} | {e['l0']:.1f} | {e['explained_variance']:.4f} | {e['ce_recovered']:.4f} | "
               f"{e['dead_features']:.0f} | {e['dense_features']:.0f} | {r['tokens_per_s']:,.0f} | {r['how']} |")
+    print_equal_l0([(arch, library, e) for (arch, _, library, _), e in zip(rows, scored)])
+
+
+def printed_rows(text: str) -> list[tuple[str, str, dict]]:
+    """(architecture, library, {l0, explained_variance, ce_recovered}) of each row of a table this
+    script printed."""
+    rows = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 10 and cells[2] in ("ours", "saelens"):
+            rows.append((cells[0], cells[2], {"l0": float(cells[3]), "explained_variance": float(cells[4]),
+                                              "ce_recovered": float(cells[5])}))
+    return rows
+
+
+def at_l0(points: list[dict], l0: float, key: str) -> float | None:
+    """`key` at L0 `l0` on one library's curve: linear in log L0 between its two nearest measured
+    points (None outside the measured range: no extrapolation)."""
+    points = sorted(points, key=lambda p: p["l0"])
+    for lo, hi in zip(points, points[1:]):
+        if lo["l0"] <= l0 <= hi["l0"]:
+            t = math.log(l0 / lo["l0"]) / math.log(hi["l0"] / lo["l0"]) if hi["l0"] > lo["l0"] else 0.0
+            return lo[key] + t * (hi[key] - lo[key])
+    return None
+
+
+def print_equal_l0(results: list[tuple[str, str, dict]]) -> None:
+    """Each SAELens SAE next to ours interpolated to its exact L0 (the targets are only met to
+    within a few percent, and variance explained rises with L0)."""
+    print()
+    print("At equal L0: each SAELens SAE against our curve for the same architecture at its L0")
+    print()
+    print("| architecture | L0 | SAELens EV | ours EV | ours - SAELens | SAELens CE recovered | ours CE recovered | ours - SAELens |")
+    print("|---|---|---|---|---|---|---|---|")
+    for arch, library, theirs in results:
+        if library != "saelens":
+            continue
+        ours = [e for a, lib, e in results if a == arch and lib == "ours"]
+        if not ours:
+            continue
+        ev, ce = (at_l0(ours, theirs["l0"], key) for key in ("explained_variance", "ce_recovered"))
+        note = ""
+        if ev is None:  # outside our range: our nearest SAE, at its own L0
+            nearest = min(ours, key=lambda p: abs(math.log(p["l0"] / theirs["l0"])))
+            ev, ce, note = nearest["explained_variance"], nearest["ce_recovered"], f" (ours at L0 {nearest['l0']:.1f})"
+        print(f"| {arch} | {theirs['l0']:.1f} | {theirs['explained_variance']:.4f} | {ev:.4f}{note} | {ev - theirs['explained_variance']:+.4f} | "
+              f"{theirs['ce_recovered']:.4f} | {ce:.4f}{note} | {ce - theirs['ce_recovered']:+.4f} |")
 
 
 def score_on_model(rows, scale: float, cache: str) -> list[dict]:
