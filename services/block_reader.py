@@ -2,15 +2,19 @@
 follow mode), each assembled on the stream's reader thread while the previous one is sent, and
 cut into batches of exactly batch_size.
 
-A buffer is assembled once, already in the consumer's order: its pieces (row groups) are read
-shard by shard, the requested columns only, and each piece's rows are scattered straight to their
-places in one contiguous table (numpy fancy indexing, which releases the GIL). That is the one
-copy after Parquet's decode; a batch is then a zero-copy slice of the table, so the per-batch
-Python work is a slice and a yield, and one server process serves many streams.
+A buffer is assembled once, already in the consumer's order: the rows of each piece (row group)
+are copied straight to their places in one contiguous array per requested column (numpy fancy
+indexing, which releases the GIL). Local shards are not decoded at all: the rows are copied from
+the memory-mapped pages of their column chunks (column_pages.py), each page's CRC32 checked, so
+that copy is the only one before Flight's; remote shards are read with pyarrow first. The pieces
+of different shards are copied by READ_THREADS threads at once. A batch is then a zero-copy slice
+of the buffer, so the per-batch Python work is a slice and a yield, and one server process serves
+many streams.
 """
 from __future__ import annotations
 
 import threading
+from operator import attrgetter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -18,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from actserve.services.admission import StreamEnded
+from actserve.services.column_pages import Page
 from actserve.services.manifest import split_complete
 from actserve.services.shard_format import META_COLUMNS, decode_activations, encode_activations, shard_schema
 from actserve.services.shuffle import Buffer, epoch_buffers, locate, row_indices
@@ -26,6 +31,7 @@ from actserve.services.stream_plan import StreamPlan
 
 FOLLOW_POLL = (0.05, 2.0)  # seconds: first and longest wait between manifest polls in follow mode
 CANCEL_CHECK = 1.0  # seconds between checks that the client of a waiting stream is still there
+READ_THREADS = 2  # threads of a stream copying the pieces of different local shards into a buffer at once
 
 
 class BufferRows:
@@ -66,10 +72,11 @@ def stream_buffers(source: CacheSource, plan: StreamPlan, context,
     stop = threading.Event()
     todo = pending_buffers(source, plan, stop)
     reader = ThreadPoolExecutor(1, thread_name_prefix="actserve-read")
+    copiers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="actserve-copy")
 
     def read_next():
         item = next(todo, None)
-        return None if item is None else hold(read_buffer(source, plan, *item))
+        return None if item is None else hold(read_buffer(source, plan, *item, copiers))
 
     try:
         future = reader.submit(read_next)
@@ -79,6 +86,7 @@ def stream_buffers(source: CacheSource, plan: StreamPlan, context,
     finally:
         stop.set()
         reader.shutdown(wait=False, cancel_futures=True)
+        copiers.shutdown(wait=False, cancel_futures=True)
 
 
 def pending_buffers(source: CacheSource, plan: StreamPlan, stop: threading.Event) -> Iterator[tuple]:
@@ -109,7 +117,8 @@ def pending_buffers(source: CacheSource, plan: StreamPlan, stop: threading.Event
         wait = min(2 * wait, FOLLOW_POLL[1])
 
 
-def read_buffer(source: CacheSource, plan: StreamPlan, shards, buffer: Buffer, offset: int) -> BufferRows:
+def read_buffer(source: CacheSource, plan: StreamPlan, shards, buffer: Buffer, offset: int,
+                copiers: ThreadPoolExecutor) -> BufferRows:
     """The consumer's rows of the buffer from `offset` on, in order, in one record batch."""
     wanted = row_indices(buffer, plan.order)[offset:]
     # where each piece's rows go: rows of the pieces' concatenation sorted, with their destinations
@@ -121,26 +130,52 @@ def read_buffer(source: CacheSource, plan: StreamPlan, shards, buffer: Buffer, o
     cached = pa.schema([full.field(name) for name in plan.schema.names])
     widths = [f.type.byte_width for f in cached]
     out = [np.empty((len(wanted), w), np.uint8) for w in widths]
-    by_shard: dict[int, list[int]] = {}  # shard -> its pieces' positions in the buffer
+    by_shard: dict[int, list[int]] = {}  # shard -> its pieces' positions in the buffer, if it has rows of ours
     for k, (shard, _) in enumerate(buffer.pieces):
-        by_shard.setdefault(shard, []).append(k)
-    for shard, ks in by_shard.items():
-        if all(cuts[k] == cuts[k + 1] for k in ks):
-            continue  # none of this consumer's rows are there
-        table = source.read(shards[shard], plan.schema.names, [buffer.pieces[k][1] for k in ks], plan.order.group_rows)
-        at = 0
-        for k in ks:
-            n = buffer.piece_rows[k]
+        if cuts[k] < cuts[k + 1]:
+            by_shard.setdefault(shard, []).append(k)
+
+    def copy_shard(shard: int, ks: list[int]) -> None:
+        for k, columns in zip(ks, piece_columns(source, plan, shards[shard], [buffer.pieces[k][1] for k in ks], widths)):
             dst, local = by_row[cuts[k]:cuts[k + 1]], sorted_rows[cuts[k]:cuts[k + 1]] - starts[k]
-            if len(dst):
-                piece = table.slice(at, n)
-                for name, target, width in zip(plan.schema.names, out, widths):
-                    rows = rows_view(piece.column(name), width)
-                    target[dst] = rows if len(local) == n else rows[local]
-            at += n
-        del table
+            for target, (pages, values) in zip(out, columns):
+                copy_rows(target, dst, local, pages, values)
+
+    if source.local:
+        for done in [copiers.submit(copy_shard, shard, ks) for shard, ks in by_shard.items()]:
+            done.result()
+    else:  # one shard's decoded row groups in memory at a time (StreamPlan.memory_bytes counts one)
+        for shard, ks in by_shard.items():
+            copy_shard(shard, ks)
     arrays = [pa.Array.from_buffers(f.type, len(wanted), [None, pa.py_buffer(o)]) for f, o in zip(cached, out)]
     return BufferRows(pa.RecordBatch.from_arrays(arrays, schema=cached), plan)
+
+
+def piece_columns(source: CacheSource, plan: StreamPlan, shard, groups: list[int], widths: list[int]):
+    """For each row group of the shard, for each requested column: (its pages, a function giving a
+    page's checked rows)."""
+    names, group_rows = plan.schema.names, plan.order.group_rows
+    if source.local:
+        mapped = source.pages(shard, group_rows)
+        for g in groups:
+            yield [(mapped.column(g, name, w), mapped.values) for name, w in zip(names, widths)]
+        return
+    table = source.read(shard, names, groups, group_rows)  # pyarrow verified its pages' checksums
+    at = 0
+    for g in groups:
+        piece = table.slice(at, min(group_rows, shard.num_rows - g * group_rows))
+        yield [([Page(0, rows_view(piece.column(name), w), None)], attrgetter("values")) for name, w in zip(names, widths)]
+        at += piece.num_rows
+
+
+def copy_rows(target: np.ndarray, dst: np.ndarray, local: np.ndarray, pages: list[Page], values) -> None:
+    """target[dst] = rows `local` (ascending) of a row group's column held in `pages`."""
+    bounds = [0, *np.searchsorted(local, [p.first_row for p in pages[1:]]), len(local)]
+    for page, a, b in zip(pages, bounds, bounds[1:]):
+        if a == b:
+            continue  # none of our rows there: not even its checksum is needed
+        rows = values(page)
+        target[dst[a:b]] = rows if b - a == len(rows) else rows[local[a:b] - page.first_row]
 
 
 def rows_view(column: pa.ChunkedArray, width: int) -> np.ndarray:
