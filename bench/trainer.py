@@ -74,16 +74,24 @@ def options(hook: str, out: Path, tokens: int, args, seed: int = 0) -> TrainOpti
 
 
 def one_trainer(server: str, url: str, manifest, hook: str, args, work: Path):
-    served = work / "served"
-    train_from_server(options(hook, served, args.tokens, args), server, url, progress=False)
-    memory = work / "memory"
-    source = TensorBatches(in_memory(url, manifest, hook, args.tokens), hook, args.batch_size)
-    train(options(hook, memory, args.tokens, args), source, manifest.d_model, manifest.stats[hook], progress=False)
-    a, b = last_record(served), last_record(memory)
-    print(f"one trainer ({hook}, d_sae {manifest.d_model * args.expansion}, batch {args.batch_size}):")
-    print(f"  data wait  served {a['data_wait_fraction']:6.1%}   in memory {b['data_wait_fraction']:6.1%}")
-    print(f"  tokens/s   served {a['tokens_per_s']:9,.0f}   in memory {b['tokens_per_s']:9,.0f}   "
-          f"ratio {a['tokens_per_s'] / b['tokens_per_s']:.2f}")
+    source = in_memory(url, manifest, hook, args.tokens)
+    served, memory = [], []
+    for r in range(args.rounds):  # interleaved rounds, medians
+        train_from_server(options(hook, work / f"served-{r}", args.tokens, args), server, url, progress=False)
+        served.append(last_record(work / f"served-{r}"))
+        train(options(hook, work / f"memory-{r}", args.tokens, args), TensorBatches(source, hook, args.batch_size),
+              manifest.d_model, manifest.stats[hook], progress=False)
+        memory.append(last_record(work / f"memory-{r}"))
+
+    def median(records, key):
+        return statistics.median(r[key] for r in records)
+
+    print(f"one trainer ({hook}, d_sae {manifest.d_model * args.expansion}, batch {args.batch_size}, "
+          f"median of {args.rounds}):")
+    print(f"  data wait  served {median(served, 'data_wait_fraction'):6.1%}   "
+          f"in memory {median(memory, 'data_wait_fraction'):6.1%}")
+    a, b = median(served, "tokens_per_s"), median(memory, "tokens_per_s")
+    print(f"  tokens/s   served {a:9,.0f}   in memory {b:9,.0f}   ratio {a / b:.2f}")
 
 
 def concurrent_trainers(server: str, url: str, manifest, args, work: Path):
@@ -151,7 +159,7 @@ def main():
     p.add_argument("--batch-size", type=int, default=None, help="default 2048 (--gpt2-small: 4096)")
     p.add_argument("--expansion", type=int, default=None, help="default 8 (--gpt2-small: 32)")
     p.add_argument("--trainers", type=int, default=0, help="concurrent trainers (default: one per hook)")
-    p.add_argument("--rounds", type=int, default=1, help="rounds of the concurrent figure, interleaved; medians")
+    p.add_argument("--rounds", type=int, default=1, help="rounds of each figure, served and in memory interleaved; medians")
     p.add_argument("--eval-sequences", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
