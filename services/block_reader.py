@@ -15,11 +15,12 @@ the per-batch Python work is a slice and a yield, and one server process serves 
 from __future__ import annotations
 
 import threading
-from functools import partial
-from operator import attrgetter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from functools import partial
+from operator import attrgetter
+
 import numpy as np
 import pyarrow as pa
 

@@ -40,8 +40,9 @@ class StreamPlan:
     memory_bytes: int          # server memory the stream's buffers take at most (buffer_memory)
 
 
-# Buffers a stream's memory holds at once: the one being sent and the next one, assembled on the
-# reader thread one shard's row groups at a time (plus those, at most one shard's columns).
+# Buffers a stream's memory holds at once: the one being sent and the next one, being filled (from
+# the page cache for local shards; remote shards' row groups are decoded one shard at a time: plus
+# those, at most one shard's columns).
 BUFFERS_HELD = 2
 
 
