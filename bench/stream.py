@@ -6,10 +6,12 @@
   * client cost per batch: Flight record batch -> torch tensors vs torch.from_numpy of the same bytes;
   * CUDA: one stream to a CUDA device, when there is one.
 
-The cache is synthetic and GPT-2-small-shaped: d_model 768, 4 hooks, float16, context 128.
+The cache is synthetic and GPT-2-small-shaped: d_model 768, 4 hooks, float16, context 128; every
+stream asks for the first `--stream-hooks` of them (4: all; 1: one GPT-2-width hook, as one SAE
+trainer reads) and the local read reads the same columns.
 Figures swing between runs on shared machines; the ratios measured side by side are what count.
 
-    python bench/stream.py [--dir /tmp/actserve-bench] [--shards 12] [--repeat 3]
+    python bench/stream.py [--dir /tmp/actserve-bench] [--shards 12] [--repeat 3] [--stream-hooks 1]
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import torch
 from actserve.clients.stream import ActivationStream, batch_to_tensors
 from actserve.proto.stream_pb2 import StreamRequest
 from actserve.services.manifest import read_manifest
+from actserve.services.shard_format import decode_activations
 from actserve.services.serve_options import ServeOptions
 from actserve.testing import spawn_server
 from actserve.testing import SyntheticSpec, write_synthetic_cache
@@ -35,6 +38,7 @@ from actserve.testing import SyntheticSpec, write_synthetic_cache
 HOOKS = tuple(f"blocks.{i}.hook_resid_pre" for i in (2, 5, 8, 11))
 BATCH = 4096
 BUFFER_TOKENS = 0  # shuffle buffer of every stream (main sets it: a quarter of the split unless --buffer-tokens)
+STREAMED = HOOKS  # the hooks every stream asks for (main sets it from --stream-hooks)
 
 
 def ensure_cache(directory: Path, shards: int) -> tuple[str, int]:
@@ -49,15 +53,18 @@ def ensure_cache(directory: Path, shards: int) -> tuple[str, int]:
 
 
 def row_bytes() -> int:
-    return len(HOOKS) * 768 * 2
+    return len(STREAMED) * 768 * 2
 
 
 def time_pyarrow(url: str) -> float:
-    """Seconds to read every train shard's hook columns with pyarrow (what the server reads)."""
+    """Seconds to read every train shard's streamed hook columns with pyarrow and decode them to
+    tensors (what the server reads; the tensors view Arrow's buffers)."""
     paths = sorted((Path(url) / "train").glob("*.parquet"))
     start = time.perf_counter()
     for path in paths:
-        pq.read_table(path, columns=list(HOOKS))
+        table = pq.read_table(path, columns=list(STREAMED))
+        for hook in STREAMED:
+            decode_activations(table.column(hook), "float16", 768)
     return time.perf_counter() - start
 
 
@@ -65,9 +72,9 @@ def time_stream(location: str, seed: int = 0, device: str = "cpu") -> float:
     """Seconds for one epoch through ActivationStream, in the cache dtype (no conversion)."""
     start = time.perf_counter()
     tokens = 0
-    for batch in ActivationStream(location, cache="gpt2-small-synthetic", batch_size=BATCH, seed=seed, dtype=None,
-                                  drop_bos=False, device=device, buffer_tokens=BUFFER_TOKENS):
-        tokens += len(batch[HOOKS[0]])
+    for batch in ActivationStream(location, cache="gpt2-small-synthetic", hooks=STREAMED, batch_size=BATCH, seed=seed,
+                                  dtype=None, drop_bos=False, device=device, buffer_tokens=BUFFER_TOKENS):
+        tokens += len(batch[STREAMED[0]])
     if device != "cpu":
         torch.cuda.synchronize()
     return time.perf_counter() - start
@@ -75,7 +82,7 @@ def time_stream(location: str, seed: int = 0, device: str = "cpu") -> float:
 
 def time_raw_flight(location: str) -> float:
     """Seconds for the same epoch read by a bare pyarrow.flight client: the server's share."""
-    request = StreamRequest(cache="gpt2-small-synthetic", batch_size=BATCH, buffer_tokens=BUFFER_TOKENS)
+    request = StreamRequest(cache="gpt2-small-synthetic", hooks=STREAMED, batch_size=BATCH, buffer_tokens=BUFFER_TOKENS)
     start = time.perf_counter()
     for _ in flight.connect(location).do_get(flight.Ticket(request.SerializeToString())):
         pass
@@ -95,7 +102,9 @@ class ReplayServer(flight.FlightServerBase):
         return flight.RecordBatchStream(self.table)
 
 
-def run_replay_server(tokens: int, ports: mp.Queue) -> None:
+def run_replay_server(tokens: int, streamed: tuple[str, ...], ports: mp.Queue) -> None:
+    global STREAMED
+    STREAMED = streamed
     server = ReplayServer(tokens)
     ports.put(server.port)
     server.serve()
@@ -105,7 +114,7 @@ def transport_ceiling(tokens: int, repeat: int) -> float:
     """Median seconds to receive `tokens` rows of prebuilt batches from another process."""
     ctx = mp.get_context("spawn")
     ports = ctx.Queue()
-    proc = ctx.Process(target=run_replay_server, args=(tokens, ports), daemon=True)
+    proc = ctx.Process(target=run_replay_server, args=(tokens, STREAMED, ports), daemon=True)
     proc.start()
     try:
         client = flight.connect(f"grpc://127.0.0.1:{ports.get()}")
@@ -120,9 +129,10 @@ def transport_ceiling(tokens: int, repeat: int) -> float:
         proc.kill()
 
 
-def stream_worker(location: str, seed: int, start_at: float, buffer_tokens: int, out: mp.Queue) -> None:
-    global BUFFER_TOKENS
-    BUFFER_TOKENS = buffer_tokens
+def stream_worker(location: str, seed: int, start_at: float, buffer_tokens: int, streamed: tuple[str, ...],
+                  out: mp.Queue) -> None:
+    global BUFFER_TOKENS, STREAMED
+    BUFFER_TOKENS, STREAMED = buffer_tokens, streamed
     time.sleep(max(0.0, start_at - time.time()))
     out.put(time_stream(location, seed))
 
@@ -132,7 +142,7 @@ def time_concurrent(location: str, n: int) -> float:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     start_at = time.time() + 3.0  # every process imported and waiting
-    procs = [ctx.Process(target=stream_worker, args=(location, seed, start_at, BUFFER_TOKENS, out)) for seed in range(n)]
+    procs = [ctx.Process(target=stream_worker, args=(location, seed, start_at, BUFFER_TOKENS, STREAMED, out)) for seed in range(n)]
     for p in procs:
         p.start()
     durations = [out.get() for _ in procs]
@@ -143,9 +153,9 @@ def time_concurrent(location: str, n: int) -> float:
 
 def client_cost(location: str) -> tuple[float, float]:
     """Microseconds per batch: Flight batch -> tensors, and torch.from_numpy of the same bytes."""
-    request = StreamRequest(cache="gpt2-small-synthetic", batch_size=BATCH, hooks=list(HOOKS))
+    request = StreamRequest(cache="gpt2-small-synthetic", batch_size=BATCH, hooks=STREAMED)
     batches = [c.data for c in flight.connect(location).do_get(flight.Ticket(request.SerializeToString()))][:-1]
-    arrays = [{h: np.frombuffer(b.column(h).buffers()[1], np.float16).reshape(-1, 768) for h in HOOKS} for b in batches]
+    arrays = [{h: np.frombuffer(b.column(h).buffers()[1], np.float16).reshape(-1, 768) for h in STREAMED} for b in batches]
     reps = 20
 
     start = time.perf_counter()
@@ -173,16 +183,20 @@ def main() -> None:
     parser.add_argument("--dir", default="/tmp/actserve-bench")
     parser.add_argument("--shards", type=int, default=12, help="31.5 MB shards of 5120 tokens")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each measurement; medians are shown")
+    parser.add_argument("--stream-hooks", type=int, choices=range(1, len(HOOKS) + 1), default=len(HOOKS),
+                        help="hooks every stream asks for, of the cache's 4 (1: one GPT-2-width hook)")
     parser.add_argument("--buffer-tokens", type=int, default=0,
                         help="shuffle buffer of the streams; 0: a quarter of the split, so that reading the next "
                              "buffer overlaps sending this one as in a split of many buffers")
     args = parser.parse_args()
 
-    global BUFFER_TOKENS
+    global BUFFER_TOKENS, STREAMED
+    STREAMED = HOOKS[:args.stream_hooks]
     url, tokens = ensure_cache(Path(args.dir), args.shards)
     BUFFER_TOKENS = args.buffer_tokens or tokens // 4
     gb = tokens * row_bytes() / 1e9
-    print(f"cache {url}: {tokens:,} tokens, {len(HOOKS)} hooks x d_model 768 float16, {gb:.2f} GB of activations;"
+    print(f"cache {url}: {tokens:,} tokens, {len(HOOKS)} hooks x d_model 768 float16; streams of {len(STREAMED)} "
+          f"hook(s), {gb:.2f} GB of activations per epoch;"
           f" batch {BATCH}; buffer {BUFFER_TOKENS:,} tokens; {torch.get_num_threads()} CPU threads; median of {args.repeat}")
     proc, location = spawn_server(ServeOptions(caches=(url,), local_cache_gb=0))
     try:
@@ -193,7 +207,7 @@ def main() -> None:
             ref.append(time_pyarrow(url))
             one.append(time_stream(location))
         ref_s, one_s = statistics.median(ref), statistics.median(one)
-        print("one stream vs pyarrow reading the same shards from local disk")
+        print("one stream vs pyarrow reading the same shards' columns from local disk and decoding them to tensors")
         line("stream tokens/s", tokens / one_s / 1e3, "k tok/s", "pyarrow read tokens/s", tokens / ref_s / 1e3)
         line("stream GB/s", gb / one_s, "GB/s", "pyarrow read GB/s", gb / ref_s)
         raw = statistics.median(time_raw_flight(location) for _ in range(args.repeat))
@@ -206,7 +220,7 @@ def main() -> None:
         line("4 streams aggregate tokens/s", 4 * tokens / four / 1e3, "k tok/s", "one stream tokens/s", tokens / one_s / 1e3)
 
         ours, plain = client_cost(location)
-        print(f"client cost per batch of {BATCH} tokens x {len(HOOKS)} hooks (lower is better)")
+        print(f"client cost per batch of {BATCH} tokens x {len(STREAMED)} hooks (lower is better)")
         line("Flight batch -> torch tensors", ours, "us", "torch.from_numpy, same bytes", plain, higher_is_better=False)
 
         if torch.cuda.is_available():

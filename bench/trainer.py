@@ -2,17 +2,26 @@
 
   1. one trainer: fraction of time waiting for data and tokens/s, fed by the server vs from tensors
      already in memory (same hook, same SAE, same tokens);
-  2. K concurrent trainers (one per hook, Ray tasks, as the demo runs them): tokens trained per
-     second summed over all trainers, fed by one server vs each from in-memory tensors;
+  2. K concurrent trainers (Ray tasks, as the demo runs them; `--trainers`, default one per hook,
+     hooks taken in turn): tokens trained per second summed over all trainers, fed by one server vs
+     each from in-memory tensors;
   3. evaluator: logits from the cached activations with `start_at_layer` vs the full forward with a
      replacement hook, for the first and the last layer's hook.
 
-  python bench/trainer.py --cache actserve-work/cache-2000000 --tokens 400000
+  python bench/trainer.py --cache actserve-work/cache-2000000 --tokens 400000 [--trainers 8]
+
+`--gpt2-small DIR` measures (1) only, at GPT-2 small's size: a synthetic cache of one d_model 768
+float16 hook (written to DIR once), an SAE of d_sae 24576 (expansion 32), batches of 4096 tokens;
+keep --tokens small (a step takes seconds on a CPU):
+
+  python bench/trainer.py --gpt2-small /tmp/actserve-gpt2-synthetic --tokens 16384
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import time
 from pathlib import Path
 import tempfile
@@ -21,7 +30,7 @@ import torch
 
 from actserve.clients.train_options import TrainOptions
 from actserve.clients.trainer import train, train_from_server
-from actserve.testing import TensorBatches
+from actserve.testing import SyntheticSpec, TensorBatches, write_synthetic_cache
 from actserve.services.shard_format import decode_activations, read_shard
 from actserve.services.storage import open_url
 from actserve.services.manifest import read_manifest
@@ -46,48 +55,76 @@ def last_record(out: Path) -> dict:
     return json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
 
 
-def options(hook: str, out: Path, tokens: int, args) -> TrainOptions:
+GPT2_SMALL = SyntheticSpec(hooks=("blocks.8.hook_resid_pre",), d_model=768, context_size=128, sequences_per_shard=64,
+                           train_shards=4, eval_shards=0, dtype="float16")
+
+
+def gpt2_small_cache(directory: str) -> str:
+    url = str(Path(directory) / "gpt2-small-synthetic")
+    manifest = read_manifest(url)
+    if manifest is None or not manifest.complete or manifest.d_model != GPT2_SMALL.d_model:
+        write_synthetic_cache(url, GPT2_SMALL)
+    return url
+
+
+def options(hook: str, out: Path, tokens: int, args, seed: int = 0) -> TrainOptions:
     return TrainOptions(hook=hook, out=str(out), tokens=tokens, expansions=(args.expansion,), batch_size=args.batch_size,
-                        l1_coefficients=(1e-3,), lr_warmup_steps=10, log_every=10**9, checkpoint_every=10**12)
+                        l1_coefficients=(1e-3,), lr_warmup_steps=10, log_every=10**9, checkpoint_every=10**12,
+                        seed=seed)
 
 
 def one_trainer(server: str, url: str, manifest, hook: str, args, work: Path):
-    served = work / "served"
-    train_from_server(options(hook, served, args.tokens, args), server, url, progress=False)
-    memory = work / "memory"
-    source = TensorBatches(in_memory(url, manifest, hook, args.tokens), hook, args.batch_size)
-    train(options(hook, memory, args.tokens, args), source, manifest.d_model, manifest.stats[hook], progress=False)
-    a, b = last_record(served), last_record(memory)
-    print(f"one trainer ({hook}, d_sae {manifest.d_model * args.expansion}, batch {args.batch_size}):")
-    print(f"  data wait  served {a['data_wait_fraction']:6.1%}   in memory {b['data_wait_fraction']:6.1%}")
-    print(f"  tokens/s   served {a['tokens_per_s']:9,.0f}   in memory {b['tokens_per_s']:9,.0f}   "
-          f"ratio {a['tokens_per_s'] / b['tokens_per_s']:.2f}")
+    source = in_memory(url, manifest, hook, args.tokens)
+    served, memory = [], []
+    for r in range(args.rounds):  # interleaved rounds, medians
+        train_from_server(options(hook, work / f"served-{r}", args.tokens, args), server, url, progress=False)
+        served.append(last_record(work / f"served-{r}"))
+        train(options(hook, work / f"memory-{r}", args.tokens, args), TensorBatches(source, hook, args.batch_size),
+              manifest.d_model, manifest.stats[hook], progress=False)
+        memory.append(last_record(work / f"memory-{r}"))
+
+    def median(records, key):
+        return statistics.median(r[key] for r in records)
+
+    print(f"one trainer ({hook}, d_sae {manifest.d_model * args.expansion}, batch {args.batch_size}, "
+          f"median of {args.rounds}):")
+    print(f"  data wait  served {median(served, 'data_wait_fraction'):6.1%}   "
+          f"in memory {median(memory, 'data_wait_fraction'):6.1%}")
+    a, b = median(served, "tokens_per_s"), median(memory, "tokens_per_s")
+    print(f"  tokens/s   served {a:9,.0f}   in memory {b:9,.0f}   ratio {a / b:.2f}")
 
 
 def concurrent_trainers(server: str, url: str, manifest, args, work: Path):
     import ray
 
-    hooks = list(manifest.config.hooks)
+    count = args.trainers or len(manifest.config.hooks)
+    hooks = [manifest.config.hooks[i % len(manifest.config.hooks)] for i in range(count)]  # trainer i's hook
 
-    def from_server(hook):
-        train_from_server(options(hook, work / "c-served" / hook, args.tokens, args), server, url, progress=False)
+    def from_server(i):
+        train_from_server(options(hooks[i], work / "c-served" / str(i), args.tokens, args, seed=i), server, url,
+                          progress=False)
 
-    def from_memory(hook, acts):
-        train(options(hook, work / "c-memory" / hook, args.tokens, args), TensorBatches(acts, hook, args.batch_size),
-              manifest.d_model, manifest.stats[hook], progress=False)
+    def from_memory(i, acts):
+        train(options(hooks[i], work / "c-memory" / str(i), args.tokens, args, seed=i),
+              TensorBatches(acts, hooks[i], args.batch_size), manifest.d_model, manifest.stats[hooks[i]], progress=False)
 
-    task_served, task_memory = ray.remote(num_cpus=1)(from_server), ray.remote(num_cpus=1)(from_memory)
-    data = {h: ray.put(in_memory(url, manifest, h, args.tokens)) for h in hooks}
-    ray.get(task_memory.remote(hooks[0], data[hooks[0]]))  # warm the workers' imports
-    t0 = time.perf_counter()
-    ray.get([task_served.remote(h) for h in hooks])
-    served_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    ray.get([task_memory.remote(h, data[h]) for h in hooks])
-    memory_s = time.perf_counter() - t0
-    total = args.tokens * len(hooks)
-    print(f"{len(hooks)} concurrent trainers, one server: {total / served_s:9,.0f} tok/s summed   "
-          f"in memory {total / memory_s:9,.0f} tok/s   ratio {memory_s / served_s:.2f}")
+    # every trainer runs at once, however few CPUs Ray sees (it would queue tasks asking for a whole one)
+    share = min(1.0, (os.cpu_count() or 1) / count)
+    task_served, task_memory = ray.remote(num_cpus=share)(from_server), ray.remote(num_cpus=share)(from_memory)
+    data = {h: ray.put(in_memory(url, manifest, h, args.tokens)) for h in set(hooks)}
+    ray.get([task_memory.remote(i, data[hooks[i]]) for i in range(count)])  # warm the workers' imports
+    served, memory = [], []
+    for _ in range(args.rounds):  # interleaved rounds, medians
+        t0 = time.perf_counter()
+        ray.get([task_served.remote(i) for i in range(count)])
+        served.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        ray.get([task_memory.remote(i, data[hooks[i]]) for i in range(count)])
+        memory.append(time.perf_counter() - t0)
+    served_s, memory_s = statistics.median(served), statistics.median(memory)
+    total = args.tokens * count
+    print(f"{count} concurrent trainers, one server: {total / served_s:9,.0f} tok/s summed   "
+          f"in memory {total / memory_s:9,.0f} tok/s   ratio {memory_s / served_s:.2f}   (median of {args.rounds})")
 
 
 @torch.no_grad()
@@ -114,13 +151,24 @@ def evaluator_cost(manifest, args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cache", required=True, help="a local cache (e.g. the demo's)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--cache", help="a local cache (e.g. the demo's)")
+    source.add_argument("--gpt2-small", metavar="DIR",
+                        help="one GPT-2-small-sized trainer (d_in 768, d_sae 24576, batch 4096) on a synthetic cache in DIR")
     p.add_argument("--tokens", type=int, default=400_000, help="tokens per trainer")
-    p.add_argument("--batch-size", type=int, default=2048)
-    p.add_argument("--expansion", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=None, help="default 2048 (--gpt2-small: 4096)")
+    p.add_argument("--expansion", type=int, default=None, help="default 8 (--gpt2-small: 32)")
+    p.add_argument("--trainers", type=int, default=0, help="concurrent trainers (default: one per hook)")
+    p.add_argument("--rounds", type=int, default=1, help="rounds of each figure, served and in memory interleaved; medians")
     p.add_argument("--eval-sequences", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
+    if args.tokens < 1 or args.trainers < 0 or args.rounds < 1:
+        p.error("--tokens and --rounds must be >= 1, --trainers >= 0")
+    args.batch_size = args.batch_size or (4096 if args.gpt2_small else 2048)
+    args.expansion = args.expansion or (32 if args.gpt2_small else 8)
+    if args.gpt2_small:
+        args.cache = gpt2_small_cache(args.gpt2_small)
     import ray
 
     from actserve.services.ray_runtime import ensure_ray
@@ -134,8 +182,10 @@ def main():
     try:
         with tempfile.TemporaryDirectory() as work:
             one_trainer(server, args.cache, manifest, manifest.config.hooks[-1], args, Path(work))
-            concurrent_trainers(server, args.cache, manifest, args, Path(work))
-        evaluator_cost(manifest, args)
+            if not args.gpt2_small:
+                concurrent_trainers(server, args.cache, manifest, args, Path(work))
+        if not args.gpt2_small:  # the synthetic cache has no model to evaluate with
+            evaluator_cost(manifest, args)
     finally:
         proc.terminate()
         ray.shutdown()

@@ -1,12 +1,16 @@
 """From a plan to record batches: the buffers of this consumer's epoch (waiting for new commits in
-follow mode), each assembled on the stream's reader thread while the previous one is sent, and
-cut into batches of exactly batch_size.
+follow mode), each filled on the stream's reader thread while the previous one is sent, and cut
+into batches of exactly batch_size.
 
-A buffer is assembled once, already in the consumer's order: its pieces (row groups) are read
-shard by shard, the requested columns only, and each piece's rows are scattered straight to their
-places in one contiguous table (numpy fancy indexing, which releases the GIL). That is the one
-copy after Parquet's decode; a batch is then a zero-copy slice of the table, so the per-batch
-Python work is a slice and a yield, and one server process serves many streams.
+A buffer is one contiguous array per requested column, already in the consumer's order: the rows
+of each piece (row group) are copied straight to their places (numpy fancy indexing, which
+releases the GIL). Local shards are not decoded at all: the rows are copied from the
+memory-mapped pages of their column chunks (column_pages.py), each page's CRC32 checked once per
+buffer, so that copy is the only one before Flight's; remote shards are read with pyarrow first.
+The pieces of different local shards are copied by READ_THREADS threads at once, and a local
+buffer is filled in FILL_ROUNDS consecutive ranges of its rows: the batches of a range are sent
+as soon as it is filled, while the next ranges are. A batch is a zero-copy slice of the buffer, so
+the per-batch Python work is a slice and a yield, and one server process serves many streams.
 """
 from __future__ import annotations
 
@@ -14,10 +18,14 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from functools import partial
+from operator import attrgetter
+
 import numpy as np
 import pyarrow as pa
 
 from actserve.services.admission import StreamEnded
+from actserve.services.column_pages import Page, ShardPages
 from actserve.services.manifest import split_complete
 from actserve.services.shard_format import META_COLUMNS, decode_activations, encode_activations, shard_schema
 from actserve.services.shuffle import Buffer, epoch_buffers, locate, row_indices
@@ -26,26 +34,50 @@ from actserve.services.stream_plan import StreamPlan
 
 FOLLOW_POLL = (0.05, 2.0)  # seconds: first and longest wait between manifest polls in follow mode
 CANCEL_CHECK = 1.0  # seconds between checks that the client of a waiting stream is still there
+READ_THREADS = 2  # threads of a stream copying the pieces of different local shards into a buffer at once
+FILL_ROUNDS = 8  # ranges a local buffer is filled in (each at least one batch), sent as each is filled
 
 
 class BufferRows:
     """This consumer's rows of one buffer, in sending order, as one record batch of the cache's
-    dtype. `release` drops it (the server ending the stream frees its memory at once)."""
+    dtype, filled from its start (`filled` rows so far). `release` drops it (the server ending the
+    stream frees its memory at once)."""
 
     def __init__(self, rows: pa.RecordBatch, plan: StreamPlan):
         self.rows: pa.RecordBatch | None = rows
         self.num_rows, self.plan = rows.num_rows, plan
         self.released: str | None = None
+        self.filled = 0
+        self.error: BaseException | None = None  # why filling it failed
+        self.changed = threading.Condition()
 
     def release(self, reason: str) -> None:
-        self.rows, self.released = None, reason
+        with self.changed:
+            self.rows, self.released = None, reason
+            self.changed.notify_all()
+
+    def mark_filled(self, rows: int) -> None:
+        with self.changed:
+            self.filled = rows
+            self.changed.notify_all()
+
+    def fail(self, error: BaseException) -> None:
+        with self.changed:
+            self.error = error
+            self.changed.notify_all()
 
     def __len__(self) -> int:
         return self.num_rows
 
     def batch(self, start: int, stop: int) -> pa.RecordBatch:
-        """Rows start..stop: a zero-copy slice (converted when the stream is float32 and the cache is not)."""
-        rows = self.rows
+        """Rows start..stop once filled: a zero-copy slice (converted when the stream is float32
+        and the cache is not)."""
+        with self.changed:
+            while self.filled < stop and self.error is None and self.rows is not None:
+                self.changed.wait()
+            rows, error = self.rows, self.error
+        if error is not None:
+            raise error
         if rows is None:
             raise StreamEnded(self.released)
         batch = rows.slice(start, stop - start)
@@ -58,18 +90,43 @@ class BufferRows:
         return pa.RecordBatch.from_arrays(columns, schema=plan.schema)
 
 
+def empty_buffer(plan: StreamPlan, num_rows: int) -> tuple[BufferRows, list[np.ndarray]]:
+    """A buffer of num_rows rows not filled yet, and its columns as [rows, bytes per row] arrays."""
+    full = shard_schema(list(plan.request.hooks), plan.d_model, plan.cache_dtype)  # columns as the shards hold them
+    cached = pa.schema([full.field(name) for name in plan.schema.names])
+    # in pyarrow's memory pool, which returns freed buffers to the system and counts them
+    # (glibc's malloc kept ~2x the live buffers resident under many streams)
+    columns = [np.frombuffer(pa.allocate_buffer(num_rows * f.type.byte_width), np.uint8).reshape(num_rows, f.type.byte_width)
+               for f in cached]
+    arrays = [pa.Array.from_buffers(f.type, num_rows, [None, pa.py_buffer(c)]) for f, c in zip(cached, columns)]
+    return BufferRows(pa.RecordBatch.from_arrays(arrays, schema=cached), plan), columns
+
+
 def stream_buffers(source: CacheSource, plan: StreamPlan, context,
                   hold: Callable[[BufferRows], BufferRows] = lambda buffer: buffer) -> Iterator[BufferRows]:
-    """This consumer's rows of each buffer from the cursor on; the next buffer is assembled on the
-    stream's reader thread while this one is sent. `hold` sees every buffer read (the stream's
-    lease, which can release them)."""
+    """This consumer's rows of each buffer from the cursor on, each handed out while it is filled;
+    the next buffer is filled on the stream's reader thread while this one is sent. `hold` sees
+    every buffer (the stream's lease, which can release them)."""
     stop = threading.Event()
     todo = pending_buffers(source, plan, stop)
     reader = ThreadPoolExecutor(1, thread_name_prefix="actserve-read")
+    copiers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="actserve-copy")
+
+    def fill(shards, buffer: Buffer, offset: int, rows: BufferRows, columns: list[np.ndarray]) -> None:
+        try:
+            fill_buffer(source, plan, shards, buffer, offset, rows, columns, copiers)
+        except Exception as e:  # noqa: BLE001 - raised where the buffer's batches are taken (a corrupt shard...)
+            rows.fail(e)
 
     def read_next():
         item = next(todo, None)
-        return None if item is None else hold(read_buffer(source, plan, *item))
+        if item is None:
+            return None
+        shards, buffer, offset = item
+        rows, columns = empty_buffer(plan, buffer.num_rows - offset)
+        hold(rows)
+        reader.submit(fill, shards, buffer, offset, rows, columns)  # runs before the next read_next
+        return rows
 
     try:
         future = reader.submit(read_next)
@@ -79,6 +136,7 @@ def stream_buffers(source: CacheSource, plan: StreamPlan, context,
     finally:
         stop.set()
         reader.shutdown(wait=False, cancel_futures=True)
+        copiers.shutdown(wait=False, cancel_futures=True)
 
 
 def pending_buffers(source: CacheSource, plan: StreamPlan, stop: threading.Event) -> Iterator[tuple]:
@@ -109,40 +167,80 @@ def pending_buffers(source: CacheSource, plan: StreamPlan, stop: threading.Event
         wait = min(2 * wait, FOLLOW_POLL[1])
 
 
-def read_buffer(source: CacheSource, plan: StreamPlan, shards, buffer: Buffer, offset: int) -> BufferRows:
-    """The consumer's rows of the buffer from `offset` on, in order, in one record batch."""
+def fill_buffer(source: CacheSource, plan: StreamPlan, shards, buffer: Buffer, offset: int, rows: BufferRows,
+                columns: list[np.ndarray], copiers: ThreadPoolExecutor) -> None:
+    """Copy the consumer's rows of the buffer, from `offset` on, to their places in `columns`,
+    range after range of `rows`, marking each filled."""
     wanted = row_indices(buffer, plan.order)[offset:]
-    # where each piece's rows go: rows of the pieces' concatenation sorted, with their destinations
-    by_row = np.argsort(wanted, kind="stable")
-    sorted_rows = wanted[by_row]
+    rounds = max(1, min(FILL_ROUNDS, len(wanted) // plan.request.batch_size)) if source.local else 1
+    bounds = [len(wanted) * r // rounds for r in range(rounds + 1)]
     starts = np.cumsum([0, *buffer.piece_rows])
-    cuts = np.searchsorted(sorted_rows, starts)
-    full = shard_schema(list(plan.request.hooks), plan.d_model, plan.cache_dtype)  # columns as the shards hold them
-    cached = pa.schema([full.field(name) for name in plan.schema.names])
-    widths = [f.type.byte_width for f in cached]
-    # in pyarrow's memory pool, which returns freed buffers to the system and counts them
-    # (glibc's malloc kept ~2x the live buffers resident under many streams)
-    out = [np.frombuffer(pa.allocate_buffer(len(wanted) * w), np.uint8).reshape(len(wanted), w) for w in widths]
-    by_shard: dict[int, list[int]] = {}  # shard -> its pieces' positions in the buffer
-    for k, (shard, _) in enumerate(buffer.pieces):
-        by_shard.setdefault(shard, []).append(k)
-    for shard, ks in by_shard.items():
-        if all(cuts[k] == cuts[k + 1] for k in ks):
-            continue  # none of this consumer's rows are there
-        table = source.read(shards[shard], plan.schema.names, [buffer.pieces[k][1] for k in ks], plan.order.group_rows)
-        at = 0
-        for k in ks:
-            n = buffer.piece_rows[k]
-            dst, local = by_row[cuts[k]:cuts[k + 1]], sorted_rows[cuts[k]:cuts[k + 1]] - starts[k]
-            if len(dst):
-                piece = table.slice(at, n)
-                for name, target, width in zip(plan.schema.names, out, widths):
-                    rows = rows_view(piece.column(name), width)
-                    target[dst] = rows if len(local) == n else rows[local]
-            at += n
-        del table
-    arrays = [pa.Array.from_buffers(f.type, len(wanted), [None, pa.py_buffer(o)]) for f, o in zip(cached, out)]
-    return BufferRows(pa.RecordBatch.from_arrays(arrays, schema=cached), plan)
+    widths = [c.shape[1] for c in columns]
+    checked: set[tuple] = set()  # pages whose checksum matched, once per buffer
+    for first, last in zip(bounds, bounds[1:]):
+        if rows.released:
+            return
+        # where each piece's rows of this range go: the range's rows sorted, with their destinations
+        by_row = first + np.argsort(wanted[first:last], kind="stable")
+        sorted_rows = wanted[by_row]
+        cuts = np.searchsorted(sorted_rows, starts)
+        by_shard: dict[int, list[int]] = {}  # shard -> its pieces' positions in the buffer, if it has rows here
+        for k, (shard, _) in enumerate(buffer.pieces):
+            if cuts[k] < cuts[k + 1]:
+                by_shard.setdefault(shard, []).append(k)
+
+        def copy_shard(shard: int, ks: list[int]) -> None:
+            groups = [buffer.pieces[k][1] for k in ks]
+            for k, pieces in zip(ks, piece_columns(source, plan, shards[shard], groups, widths, checked)):
+                dst, local = by_row[cuts[k]:cuts[k + 1]], sorted_rows[cuts[k]:cuts[k + 1]] - starts[k]
+                for target, (pages, values) in zip(columns, pieces):
+                    copy_rows(target, dst, local, pages, values)
+
+        if source.local:
+            for done in [copiers.submit(copy_shard, shard, ks) for shard, ks in by_shard.items()]:
+                done.result()
+        else:  # one shard's decoded row groups in memory at a time (StreamPlan.memory_bytes counts one)
+            for shard, ks in by_shard.items():
+                copy_shard(shard, ks)
+        rows.mark_filled(last)
+
+
+def piece_columns(source: CacheSource, plan: StreamPlan, shard, groups: list[int], widths: list[int],
+                  checked: set[tuple]):
+    """For each row group of the shard, for each requested column: (its pages, a function giving a
+    page's rows, checked)."""
+    names, group_rows = plan.schema.names, plan.order.group_rows
+    if source.local:
+        mapped = source.pages(shard, group_rows)
+        for g in groups:
+            yield [(mapped.column(g, name, w), partial(checked_once, checked, mapped, (shard.path, g, name)))
+                   for name, w in zip(names, widths)]
+        return
+    table = source.read(shard, names, groups, group_rows)  # pyarrow verified its pages' checksums
+    at = 0
+    for g in groups:
+        piece = table.slice(at, min(group_rows, shard.num_rows - g * group_rows))
+        yield [([Page(0, rows_view(piece.column(name), w), None)], attrgetter("values")) for name, w in zip(names, widths)]
+        at += piece.num_rows
+
+
+def checked_once(checked: set[tuple], mapped: ShardPages, column: tuple, page: Page) -> np.ndarray:
+    """The page's rows, its checksum verified unless `checked` says it already was."""
+    key = (*column, page.first_row)
+    if key not in checked:
+        mapped.values(page)
+        checked.add(key)
+    return page.values
+
+
+def copy_rows(target: np.ndarray, dst: np.ndarray, local: np.ndarray, pages: list[Page], values) -> None:
+    """target[dst] = rows `local` (ascending) of a row group's column held in `pages`."""
+    bounds = [0, *np.searchsorted(local, [p.first_row for p in pages[1:]]), len(local)]
+    for page, a, b in zip(pages, bounds, bounds[1:]):
+        if a == b:
+            continue  # none of our rows there: not even its checksum is needed
+        rows = values(page)
+        target[dst[a:b]] = rows if b - a == len(rows) else rows[local[a:b] - page.first_row]
 
 
 def rows_view(column: pa.ChunkedArray, width: int) -> np.ndarray:

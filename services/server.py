@@ -2,8 +2,8 @@
 once per epoch, to many trainers and evaluators (the wire contract is proto/stream.proto).
 
 A request travels: ticket -> `stream_plan.plan_stream` (validated against the manifest and this
-server's limits) -> `block_reader.stream_buffers` (shuffle buffers assembled on the stream's own
-thread, at most two in memory) -> `block_reader.cut_batches` -> Flight. A stream that fails (a corrupt or missing
+server's limits) -> `block_reader.stream_buffers` (shuffle buffers filled on the stream's own
+threads, at most two in memory, batches sent as soon as their rows are in) -> `block_reader.cut_batches` -> Flight. A stream that fails (a corrupt or missing
 shard) ends with an error naming the shard; the other streams go on. Concurrency beyond one
 process comes from several server processes (`run_server.start_actors`), listed together as the
 locations of the endpoint that get_flight_info returns.

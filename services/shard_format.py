@@ -126,6 +126,21 @@ def shard_errors(shard: Shard, failure: str):
         raise CacheError(f"shard {shard.path} {failure}: {type(e).__name__}: {e}") from e
 
 
+def check_size(fs: fsspec.AbstractFileSystem, path: str, shard: Shard) -> None:
+    size = fs.size(path)
+    if size != shard.num_bytes:
+        raise CacheError(f"shard {shard.path} is corrupt: {size} bytes on storage, manifest says {shard.num_bytes}")
+
+
+def check_row_groups(metadata: pq.FileMetaData, shard: Shard, group_rows: int) -> list[int]:
+    """The rows of each row group, as `shard_groups` lays them out, or CacheError."""
+    layout = shard_groups(shard.num_rows, group_rows)
+    found = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
+    if found != layout:
+        raise CacheError(f"shard {shard.path} has row groups of {found} rows, the cache's layout is {layout}")
+    return layout
+
+
 def read_shard(
     fs: fsspec.AbstractFileSystem,
     root: str,
@@ -140,11 +155,7 @@ def read_shard(
     in that order: the file's row groups must be laid out as `shard_groups` says."""
     path = f"{root}/{shard.path}"
     with shard_errors(shard, "is corrupt"):
-        size = fs.size(path)
-        if size != shard.num_bytes:
-            raise CacheError(
-                f"shard {shard.path} is corrupt: {size} bytes on storage, manifest says {shard.num_bytes}"
-            )
+        check_size(fs, path, shard)
         with contextlib.ExitStack() as stack:
             if is_local(fs):  # pyarrow reads a memory map itself: no Python file object taking the GIL per read
                 source, options = path, dict(memory_map=True)
@@ -155,10 +166,7 @@ def read_shard(
                 expected = shard.num_rows
             else:
                 file = pq.ParquetFile(source, page_checksum_verification=True, **options)
-                layout = shard_groups(shard.num_rows, group_rows)
-                found = [file.metadata.row_group(g).num_rows for g in range(file.metadata.num_row_groups)]
-                if found != layout:
-                    raise CacheError(f"shard {shard.path} has row groups of {found} rows, the cache's layout is {layout}")
+                layout = check_row_groups(file.metadata, shard, group_rows)
                 table = file.read_row_groups(row_groups, columns=columns)
                 expected = sum(layout[g] for g in row_groups)
     if table.num_rows != expected:

@@ -51,7 +51,8 @@ INDEXES_PER_ROW = 4    # the rows read, their order, their destinations and the 
 class StreamMemory:
     """Bytes one stream holds at most, by what holds them."""
     buffers: int   # BUFFERS_HELD of this consumer's slices of the largest buffer, requested columns, cache dtype
-    reading: int   # reading the next buffer: one shard's requested columns as Parquet decodes them, the row indices
+    reading: int   # reading the next buffer: one remote shard's requested columns as Parquet decodes them (local
+                   # shards are copied from their mapped pages, page cache: counted all the same), the row indices
     batches: int   # BATCHES_IN_FLIGHT batches, each sent rows plus the cache-dtype rows they are made of (a batch
                    # that spans two buffers is concatenated; float32 is converted from the cache's dtype)
 
