@@ -34,9 +34,10 @@ STDLIB_CORPUS_FILE = "stdlib_corpus.jsonl"
 SPECIAL_TOKEN = "<|endoftext|>"
 
 DEFAULT_MAX_STEPS = 800
-# The thread count changes floating-point reduction order, so it is pinned for reproducible
-# weights. One thread: on a busy 2-core machine two OpenMP threads ran a step up to 15x slower than
-# one (each waits for the other to be scheduled); on an idle one they are about 1.7x faster.
+# The thread count changes floating-point reduction order, so it is a setting of the model (the
+# same count gives the same weights). Default one thread: on a busy 2-core machine two OpenMP
+# threads ran a step up to 15x slower than one (each waits for the other to be scheduled); on an
+# idle one they are 1.7-1.9x faster, which the demo uses (it has the machine to itself).
 TRAIN_THREADS = 1
 # Measured on the stdlib corpus, held-out loss after 245k tokens: 6.37 with batches of 16 and one
 # learning rate (3e-3), 4.99 with batches of 4, embeddings at 0.1 and an untied unembedding. With
@@ -66,6 +67,7 @@ def make_tiny_model(
     max_steps: int | None = None,
     train_seconds: float | None = None,
     batch_size: int = 8,
+    threads: int = TRAIN_THREADS,
     corpus_path=None,
     progress: bool = True,
 ) -> dict:
@@ -74,7 +76,8 @@ def make_tiny_model(
     Training runs `max_steps` optimizer steps of `batch_size` sequences of `n_ctx` tokens
     (DEFAULT_MAX_STEPS when neither limit is given). `train_seconds` instead trains for a
     wall-clock budget; it applies only when `max_steps` is None, because such a run is not
-    reproducible.
+    reproducible. `threads`: torch's thread count while training, a setting like the others
+    (another count gives other weights).
     `corpus_path` is a jsonl file of `{"text": ...}` lines; by default the standard library's
     docstrings are written to `out_dir/stdlib_corpus.jsonl` and used.
     If `out_dir` already holds a finished model with the same settings, it is kept and its
@@ -96,6 +99,7 @@ def make_tiny_model(
         "max_steps": max_steps,
         "train_seconds": train_seconds,
         "batch_size": batch_size,
+        "threads": threads,
         "corpus": _corpus_identity(corpus_path),
     }
     existing = _read_metadata(metadata_path)
@@ -141,7 +145,7 @@ def make_tiny_model(
         eos_token_id=bos_id,
     )
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(TRAIN_THREADS)
+    torch.set_num_threads(threads)
     try:
         # fork_rng keeps the caller's global torch RNG state as it was.
         with torch.random.fork_rng(devices=[]):

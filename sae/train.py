@@ -194,6 +194,7 @@ class Trainer:
         self.forward_step = torch.compile(self.eager_forward_step) if self.cfg.compile else self.eager_forward_step
         self.noise_generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
         self.n_steps = 0
+        self.tokens_seen = 0  # on the host: no feature can be dead before dead_feature_window tokens
         self.tokens_since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=self.device)
         self.controller = None
         if sae.cfg.target_l0 is not None and sae.cfg.sparsity_coefficient is not None:
@@ -204,8 +205,13 @@ class Trainer:
                                            self.cfg.target_l0_proportional_gain)
 
     @property
-    def dead_mask(self) -> Tensor:
-        """[d_sae] bool: features that have not fired in the last `dead_feature_window` tokens."""
+    def dead_mask(self) -> Tensor | None:
+        """[d_sae] bool: features that have not fired in the last `dead_feature_window` tokens;
+        None while fewer tokens than that have been seen, when none can be. The forward then skips
+        ghost grads and AuxK, whose terms would be exactly zero: AuxK alone cost a third of a TopK
+        step (d_in 128, d_sae 2048, batch 1024, one CPU thread: 9.5k -> 13.9k tokens/s)."""
+        if self.tokens_seen < self.cfg.dead_feature_window:
+            return None
         return self.tokens_since_fired >= self.cfg.dead_feature_window
 
     @property
@@ -240,7 +246,8 @@ class Trainer:
         self.grad_scaler.scale(loss).backward()
 
         # One device sync for all the numbers.
-        values = torch.stack([loss, *losses.values(), l0, dead_mask.sum().float()]).float().tolist()
+        n_dead = torch.zeros((), device=self.device) if dead_mask is None else dead_mask.sum().float()
+        values = torch.stack([loss, *losses.values(), l0, n_dead]).float().tolist()
         stats = dict(zip(["loss", *losses, "l0", "dead_features"], values))
         if not math.isfinite(stats["loss"]):
             terms = ", ".join(f"{name}={value}" for name, value in stats.items())
@@ -255,6 +262,7 @@ class Trainer:
         self.grad_scaler.update()
         self.sae.after_optimizer_step()
         self.tokens_since_fired = torch.where(fired, 0, self.tokens_since_fired + x.shape[0])
+        self.tokens_seen += x.shape[0]
         self.n_steps += 1
         coefficient = self.sae.cfg.sparsity_coefficient
         extra = {} if coefficient is None else {"sparsity_coefficient": coefficient * self.sparsity_factor}
@@ -284,6 +292,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "grad_scaler": self.grad_scaler.state_dict(),
             "n_steps": self.n_steps,
+            "tokens_seen": self.tokens_seen,
             "tokens_since_fired": self.tokens_since_fired,
             "noise_generator": self.noise_generator.get_state(),
             "controller": self.controller.state_dict() if self.controller is not None else None,
@@ -300,6 +309,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.grad_scaler.load_state_dict(state["grad_scaler"])
         self.n_steps = state["n_steps"]
+        self.tokens_seen = state["tokens_seen"]
         self.tokens_since_fired.copy_(state["tokens_since_fired"])
         self.noise_generator.set_state(state["noise_generator"])
         if self.controller is not None:
