@@ -50,6 +50,15 @@ class StreamUnavailable(ConnectionError):
 RETRIED = (flight.FlightUnavailableError, flight.FlightTimedOutError)  # a server away, maybe restarting
 
 
+def one_line(error: pa.ArrowException) -> pa.ArrowException:
+    """A server's error as the server wrote it: gRPC appends ". Detail: " and a status detail, for a
+    refused request (INVALID_ARGUMENT) the server's whole Python traceback."""
+    text = str(error).split(". Detail: ", 1)[0]
+    if isinstance(error, flight.FlightError):
+        return type(error)(text, extra_info=error.extra_info)
+    return type(error)(text)
+
+
 class Retry:
     """The one retry policy of the client: after each failure move to the next replica and wait,
     doubling the wait from `first` up to `longest`; give up (raise `give_up(error)`) once `timeout`
@@ -279,6 +288,8 @@ class ActivationStream:
             except RETRIED as e:
                 retry.wait(e)
                 self.reconnects += 1
+            except pa.ArrowException as e:
+                raise one_line(e) from None
 
     def _tensors(self, batch: pa.RecordBatch) -> dict[str, torch.Tensor]:
         tensors = batch_to_tensors(batch)
@@ -310,6 +321,8 @@ class ActivationStream:
                 return fn(self._client(self.locations[self._preferred]), self._call_options(self.options.call_timeout))
             except RETRIED as e:
                 retry.wait(e)
+            except pa.ArrowException as e:
+                raise one_line(e) from None
 
     def _retry(self) -> Retry:
         def next_replica():

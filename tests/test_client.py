@@ -6,6 +6,7 @@ import threading
 import time
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -62,6 +63,15 @@ def test_one_epoch_exactly_once_with_the_right_values(server, cache):
 def test_cache_dtype_and_chosen_hooks(server):
     batch = next(iter(stream(server, dtype=None, hooks=(SPEC.hooks[1],), include_meta=False)))
     assert list(batch) == [SPEC.hooks[1]] and batch[SPEC.hooks[1]].dtype == torch.float16
+
+
+def test_a_refused_request_is_the_servers_one_line(server):
+    # gRPC appends ". Detail: " and the server's Python traceback to a refused request's text
+    with pytest.raises(pa.ArrowInvalid) as refused:
+        next(iter(stream(server, hooks=("blocks.9.hook_resid_pre",))))
+    text = str(refused.value)
+    assert text.startswith("unknown or repeated hooks ['blocks.9.hook_resid_pre'] for cache tiny"), text
+    assert "Detail" not in text and "Traceback" not in text and len(text.splitlines()) == 1
 
 
 def test_three_consumers_are_disjoint_and_cover_the_epoch(server):
