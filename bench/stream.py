@@ -1,7 +1,8 @@
 """Streaming benchmark: each figure next to its reference, measured in the same run, and the ratio.
 
   * one stream (server process -> ActivationStream, cache dtype, CPU) vs pyarrow reading the same
-    shards' hook columns from local disk (page cache warm for both);
+    shards' hook columns from local disk (page cache warm for both); and the same stream with
+    `read_from` (the same batches cut in the client's process, no socket);
   * 4 concurrent streams (4 client processes, one server process) aggregate vs one stream;
   * client cost per batch: Flight record batch -> torch tensors vs torch.from_numpy of the same bytes;
   * CUDA: one stream to a CUDA device, when there is one.
@@ -68,12 +69,14 @@ def time_pyarrow(url: str) -> float:
     return time.perf_counter() - start
 
 
-def time_stream(location: str, seed: int = 0, device: str = "cpu") -> float:
-    """Seconds for one epoch through ActivationStream, in the cache dtype (no conversion)."""
+def time_stream(location: str, seed: int = 0, device: str = "cpu", read_from: str = "") -> float:
+    """Seconds for one epoch through ActivationStream, in the cache dtype (no conversion); with
+    read_from, cut from the shards in this process (the server only plans)."""
     start = time.perf_counter()
     tokens = 0
     for batch in ActivationStream(location, cache="gpt2-small-synthetic", hooks=STREAMED, batch_size=BATCH, seed=seed,
-                                  dtype=None, drop_bos=False, device=device, buffer_tokens=BUFFER_TOKENS):
+                                  dtype=None, drop_bos=False, device=device, buffer_tokens=BUFFER_TOKENS,
+                                  read_from=read_from):
         tokens += len(batch[STREAMED[0]])
     if device != "cpu":
         torch.cuda.synchronize()
@@ -202,14 +205,18 @@ def main() -> None:
     try:
         time_pyarrow(url)  # warm the page cache for both sides
         time_stream(location)
-        ref, one = [], []
-        for _ in range(args.repeat):  # interleaved, so both see the same machine
+        time_stream(location, read_from=url)
+        ref, one, direct = [], [], []
+        for _ in range(args.repeat):  # interleaved, so all see the same machine
             ref.append(time_pyarrow(url))
             one.append(time_stream(location))
-        ref_s, one_s = statistics.median(ref), statistics.median(one)
+            direct.append(time_stream(location, read_from=url))
+        ref_s, one_s, direct_s = statistics.median(ref), statistics.median(one), statistics.median(direct)
         print("one stream vs pyarrow reading the same shards' columns from local disk and decoding them to tensors")
         line("stream tokens/s", tokens / one_s / 1e3, "k tok/s", "pyarrow read tokens/s", tokens / ref_s / 1e3)
         line("stream GB/s", gb / one_s, "GB/s", "pyarrow read GB/s", gb / ref_s)
+        line("same stream, read_from (no socket)", tokens / direct_s / 1e3, "k tok/s", "pyarrow read tokens/s",
+             tokens / ref_s / 1e3)
         raw = statistics.median(time_raw_flight(location) for _ in range(args.repeat))
         line("same stream, bare pyarrow.flight", gb / raw, "GB/s", "pyarrow read GB/s", gb / ref_s)
         ceiling = transport_ceiling(tokens, args.repeat)

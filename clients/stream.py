@@ -14,6 +14,11 @@ The stream survives server restarts: on an unavailable server it reconnects with
 backoff, to the same or another replica, and asks for the rest of the epoch from the last row it
 received (`start`), so no token is lost or repeated. It gives up after `reconnect_timeout` seconds
 without progress, with an error naming the servers it tried.
+
+With `read_from` (the cache's URL as this process can read it) the server still resolves the
+request, its defaults and the cache's manifest, but the batches are cut from the shards in this
+process by the server's own reader (services/block_reader.py), in exactly the order the server
+would send: for a consumer on the server's node, where Flight over loopback is the limit.
 """
 from __future__ import annotations
 
@@ -30,7 +35,10 @@ import torch
 
 from actserve.proto.manifest_pb2 import HookStats, Manifest
 from actserve.proto.stream_pb2 import CacheList, ListCachesRequest, ServerStats, StreamRequest
+from actserve.services.block_reader import cut_batches, stream_buffers
 from actserve.services.shard_format import META_COLUMNS, decode_activations
+from actserve.services.sources import CacheSource
+from actserve.services.stream_plan import StreamLimits, plan_stream
 
 MODES = {"shuffled": StreamRequest.SHUFFLED_TOKENS, "sequences": StreamRequest.SEQUENCES}
 META_DTYPES = {"sequence": torch.int64, "position": torch.int32, "token": torch.int32}
@@ -57,6 +65,20 @@ def one_line(error: pa.ArrowException) -> pa.ArrowException:
     if isinstance(error, flight.FlightError):
         return type(error)(text, extra_info=error.extra_info)
     return type(error)(text)
+
+
+def shard_keys(shards) -> list[tuple]:
+    return [(shard.path, shard.num_rows, shard.sha256) for shard in shards]
+
+
+class StopFlag:
+    """The `context` the server's reader polls while it waits (a Flight call's is_cancelled)."""
+
+    def __init__(self, stop: threading.Event):
+        self.stop = stop
+
+    def is_cancelled(self) -> bool:
+        return self.stop.is_set()
 
 
 class Retry:
@@ -104,6 +126,8 @@ class StreamOptions:
     call_timeout: float = 30.0              # seconds for one metadata call (info, actions)
     reconnect_timeout: float = 60.0         # give up after this long without progress
     backoff: tuple[float, float] = (0.1, 5.0)  # first and longest wait between reconnects
+    read_from: str = ""                     # the cache's URL as this process reads it: batches cut here, not
+                                            # sent over Flight (same order; the server still plans the stream)
 
     def __post_init__(self):
         checks = [
@@ -148,6 +172,7 @@ class ActivationStream:
         self._stop = threading.Event()
         self._reader: threading.Thread | None = None
         self._flight_reader = None  # the open do_get, cancelled by close()
+        self._direct: CacheSource | None = None  # the cache at read_from, opened on first read
         self._device = torch.device(self.options.device)
 
     # -- what trainers ask before streaming --
@@ -270,6 +295,9 @@ class ActivationStream:
 
     def _epoch_batches(self, request: StreamRequest, start: int) -> Iterator[pa.RecordBatch]:
         """The epoch's batches from `start`, reconnecting and resuming after the last row received."""
+        if self.options.read_from:
+            yield from self._direct_batches(request, start)
+            return
         retry = self._retry()
         while True:
             request.start = start
@@ -290,6 +318,24 @@ class ActivationStream:
                 self.reconnects += 1
             except pa.ArrowException as e:
                 raise one_line(e) from None
+
+    def _direct_batches(self, request: StreamRequest, start: int) -> Iterator[pa.RecordBatch]:
+        """The epoch's batches from `start`, read from the shards at read_from in this process."""
+        if self._direct is None:
+            direct = CacheSource(self.options.cache, self.options.read_from, {}, shard_cache=None)
+            split = request.split or "train"
+            theirs, mine = (shard_keys(getattr(m, split).shards) for m in (self.manifest, direct.manifest()))
+            n = min(len(theirs), len(mine)) if request.follow else None  # a followed cache grows on either side
+            if theirs[:n] != mine[:n]:
+                raise ValueError(f"read_from {self.options.read_from} holds other {split} shards than the server's "
+                                 f"cache {self.options.cache}: not the same cache")
+            self._direct = direct
+        request.start = start
+        # every default is resolved in the server's request, so these limits only admit it as it is
+        limits = StreamLimits(max_batch_size=request.batch_size, buffer_tokens=request.buffer_tokens,
+                              max_buffer_tokens=request.buffer_tokens, stream_memory_bytes=1 << 62)
+        plan = plan_stream(request, self._direct.manifest(), self.options.cache, limits)
+        yield from cut_batches(stream_buffers(self._direct, plan, StopFlag(self._stop)), request.batch_size)
 
     def _tensors(self, batch: pa.RecordBatch) -> dict[str, torch.Tensor]:
         tensors = batch_to_tensors(batch)

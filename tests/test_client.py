@@ -121,6 +121,27 @@ def test_resume_from_state_equals_the_uninterrupted_tail(server):
         stream(server, seed=5).load_state_dict(state)
 
 
+def test_read_from_gives_the_servers_batches_and_resumes_as_they_do(server, cache, tmp_path):
+    url, _ = cache
+    options = dict(seed=3, epochs=2, num_consumers=2, consumer_index=1)
+    served = list(stream(server, **options))
+    direct = stream(server, read_from=url, **options)
+    cut = list(direct)
+    assert [list(b) for b in cut] == [list(b) for b in served]
+    assert all(torch.equal(c[k], s[k]) for c, s in zip(cut, served, strict=True) for k in s)
+
+    first = stream(server, read_from=url, **options)
+    head = [batch for _, batch in zip(range(9), first)]  # into the second epoch (7 batches each)
+    resumed = stream(server, read_from=url, **options)
+    resumed.load_state_dict(first.state_dict())
+    assert np.array_equal(np.concatenate([keys_of(head), keys_of(list(resumed))]), keys_of(served))
+
+    other = str(tmp_path / "other")
+    write_synthetic_cache(other, SyntheticSpec(train_shards=5, eval_shards=2))
+    with pytest.raises(ValueError, match=r"holds other train shards than the server's cache tiny: not the same cache"):
+        next(iter(stream(server, read_from=other)))
+
+
 def test_endless_epochs_each_exactly_once(server):
     s = stream(server, epochs=None, batch_size=128)
     seen = []
