@@ -12,7 +12,7 @@ stream asks for the first `--stream-hooks` of them (4: all; 1: one GPT-2-width h
 trainer reads) and the local read reads the same columns.
 Figures swing between runs on shared machines; the ratios measured side by side are what count.
 
-    python bench/stream.py [--dir /tmp/actserve-bench] [--shards 12] [--repeat 3] [--stream-hooks 1]
+    python bench/stream.py [--dir /tmp/actserve-bench] [--shards 12] [--repeat 3] [--stream-hooks 1] [--epochs 4]
 """
 from __future__ import annotations
 
@@ -40,6 +40,7 @@ HOOKS = tuple(f"blocks.{i}.hook_resid_pre" for i in (2, 5, 8, 11))
 BATCH = 4096
 BUFFER_TOKENS = 0  # shuffle buffer of every stream (main sets it: a quarter of the split unless --buffer-tokens)
 STREAMED = HOOKS  # the hooks every stream asks for (main sets it from --stream-hooks)
+EPOCHS = 1  # epochs each stream reads (and pyarrow reads the shards); timings are per epoch
 
 
 def ensure_cache(directory: Path, shards: int) -> tuple[str, int]:
@@ -62,34 +63,37 @@ def time_pyarrow(url: str) -> float:
     tensors (what the server reads; the tensors view Arrow's buffers)."""
     paths = sorted((Path(url) / "train").glob("*.parquet"))
     start = time.perf_counter()
-    for path in paths:
-        table = pq.read_table(path, columns=list(STREAMED))
-        for hook in STREAMED:
-            decode_activations(table.column(hook), "float16", 768)
-    return time.perf_counter() - start
+    for _ in range(EPOCHS):
+        for path in paths:
+            table = pq.read_table(path, columns=list(STREAMED))
+            for hook in STREAMED:
+                decode_activations(table.column(hook), "float16", 768)
+    return (time.perf_counter() - start) / EPOCHS
 
 
 def time_stream(location: str, seed: int = 0, device: str = "cpu", read_from: str = "") -> float:
-    """Seconds for one epoch through ActivationStream, in the cache dtype (no conversion); with
-    read_from, cut from the shards in this process (the server only plans)."""
+    """Seconds per epoch through one ActivationStream reading EPOCHS epochs, in the cache dtype (no
+    conversion); with read_from, cut from the shards in this process (the server only plans)."""
     start = time.perf_counter()
     tokens = 0
     for batch in ActivationStream(location, cache="gpt2-small-synthetic", hooks=STREAMED, batch_size=BATCH, seed=seed,
                                   dtype=None, drop_bos=False, device=device, buffer_tokens=BUFFER_TOKENS,
-                                  read_from=read_from):
+                                  read_from=read_from, epochs=EPOCHS):
         tokens += len(batch[STREAMED[0]])
     if device != "cpu":
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return (time.perf_counter() - start) / EPOCHS
 
 
 def time_raw_flight(location: str) -> float:
     """Seconds for the same epoch read by a bare pyarrow.flight client: the server's share."""
     request = StreamRequest(cache="gpt2-small-synthetic", hooks=STREAMED, batch_size=BATCH, buffer_tokens=BUFFER_TOKENS)
     start = time.perf_counter()
-    for _ in flight.connect(location).do_get(flight.Ticket(request.SerializeToString())):
-        pass
-    return time.perf_counter() - start
+    for epoch in range(EPOCHS):
+        request.epoch = epoch
+        for _ in flight.connect(location).do_get(flight.Ticket(request.SerializeToString())):
+            pass
+    return (time.perf_counter() - start) / EPOCHS
 
 
 class ReplayServer(flight.FlightServerBase):
@@ -133,19 +137,19 @@ def transport_ceiling(tokens: int, repeat: int) -> float:
 
 
 def stream_worker(location: str, seed: int, start_at: float, buffer_tokens: int, streamed: tuple[str, ...],
-                  out: mp.Queue) -> None:
-    global BUFFER_TOKENS, STREAMED
-    BUFFER_TOKENS, STREAMED = buffer_tokens, streamed
+                  epochs: int, out: mp.Queue) -> None:
+    global BUFFER_TOKENS, STREAMED, EPOCHS
+    BUFFER_TOKENS, STREAMED, EPOCHS = buffer_tokens, streamed, epochs
     time.sleep(max(0.0, start_at - time.time()))
     out.put(time_stream(location, seed))
 
 
 def time_concurrent(location: str, n: int) -> float:
-    """Wall seconds for n client processes to each read a whole epoch (different seeds)."""
+    """Wall seconds per epoch for n client processes to each read EPOCHS epochs (different seeds)."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     start_at = time.time() + 3.0  # every process imported and waiting
-    procs = [ctx.Process(target=stream_worker, args=(location, seed, start_at, BUFFER_TOKENS, STREAMED, out)) for seed in range(n)]
+    procs = [ctx.Process(target=stream_worker, args=(location, seed, start_at, BUFFER_TOKENS, STREAMED, EPOCHS, out)) for seed in range(n)]
     for p in procs:
         p.start()
     durations = [out.get() for _ in procs]
@@ -191,16 +195,18 @@ def main() -> None:
     parser.add_argument("--buffer-tokens", type=int, default=0,
                         help="shuffle buffer of the streams; 0: a quarter of the split, so that reading the next "
                              "buffer overlaps sending this one as in a split of many buffers")
+    parser.add_argument("--epochs", type=int, default=1,
+                        help="epochs each stream reads in one call (a stream's setup, ~0.1 s, spread over them)")
     args = parser.parse_args()
 
-    global BUFFER_TOKENS, STREAMED
-    STREAMED = HOOKS[:args.stream_hooks]
+    global BUFFER_TOKENS, STREAMED, EPOCHS
+    STREAMED, EPOCHS = HOOKS[:args.stream_hooks], args.epochs
     url, tokens = ensure_cache(Path(args.dir), args.shards)
     BUFFER_TOKENS = args.buffer_tokens or tokens // 4
     gb = tokens * row_bytes() / 1e9
     print(f"cache {url}: {tokens:,} tokens, {len(HOOKS)} hooks x d_model 768 float16; streams of {len(STREAMED)} "
           f"hook(s), {gb:.2f} GB of activations per epoch;"
-          f" batch {BATCH}; buffer {BUFFER_TOKENS:,} tokens; {torch.get_num_threads()} CPU threads; median of {args.repeat}")
+          f" batch {BATCH}; buffer {BUFFER_TOKENS:,} tokens; {EPOCHS} epoch(s) per stream; {torch.get_num_threads()} CPU threads; median of {args.repeat}")
     proc, location = spawn_server(ServeOptions(caches=(url,), local_cache_gb=0))
     try:
         time_pyarrow(url)  # warm the page cache for both sides

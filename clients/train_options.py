@@ -61,6 +61,9 @@ class TrainOptions:
     checkpoint_every: int = option(1_000_000, "tokens between checkpoints")
     log_every: int = option(50, "steps between metrics.jsonl records")
     device: str = option("cpu", "cpu or cuda")
+    read_from: str = option("", "the cache's URL as this machine reads it: the server plans the stream and the "
+                                "batches are cut from the shards here, in the same order (skips the socket on the "
+                                "server's node)")
     wandb_project: str | None = option(None, "also log to this Weights & Biases project")
 
     def __post_init__(self):

@@ -208,7 +208,7 @@ def train_from_server(opts: TrainOptions, server: str | list[str], cache: str, t
     BOS rows dropped, until the token budget is spent."""
     stream = ActivationStream(server, cache=cache, hooks=[opts.hook], batch_size=opts.batch_size, seed=opts.seed,
                               epochs=None, device=opts.device, drop_bos=True, token=token,
-                              reconnect_timeout=reconnect_timeout)
+                              reconnect_timeout=reconnect_timeout, read_from=opts.read_from)
     manifest = stream.manifest
     if opts.hook not in manifest.config.hooks:
         raise ValueError(f"--hook {opts.hook}: the cache has no such hook; cached hooks: {', '.join(manifest.config.hooks)}")

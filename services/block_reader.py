@@ -7,10 +7,12 @@ of each piece (row group) are copied straight to their places (numpy fancy index
 releases the GIL). Local shards are not decoded at all: the rows are copied from the
 memory-mapped pages of their column chunks (column_pages.py), each page's CRC32 checked once per
 buffer, so that copy is the only one before Flight's; remote shards are read with pyarrow first.
-The pieces of different local shards are copied by READ_THREADS threads at once, and a local
-buffer is filled in FILL_ROUNDS consecutive ranges of its rows: the batches of a range are sent
-as soon as it is filled, while the next ranges are. A batch is a zero-copy slice of the buffer, so
-the per-batch Python work is a slice and a yield, and one server process serves many streams.
+The pieces of different local shards are copied by READ_THREADS threads at once, each page's
+rows of the buffer in one scatter. (Filling a buffer in 8 ranges, each range's batches sent as it
+was filled, cost a gather per page and range: the reader alone ran at 0.5 of a pyarrow read of the
+same column, against 1.0-1.1 in one pass, and streams were no faster for it.) A batch is a
+zero-copy slice of the buffer, so the per-batch Python work is a slice and a yield, and one server
+process serves many streams.
 """
 from __future__ import annotations
 
@@ -35,7 +37,6 @@ from actserve.services.stream_plan import StreamPlan
 FOLLOW_POLL = (0.05, 2.0)  # seconds: first and longest wait between manifest polls in follow mode
 CANCEL_CHECK = 1.0  # seconds between checks that the client of a waiting stream is still there
 READ_THREADS = 2  # threads of a stream copying the pieces of different local shards into a buffer at once
-FILL_ROUNDS = 8  # ranges a local buffer is filled in (each at least one batch), sent as each is filled
 
 
 class BufferRows:
@@ -169,40 +170,37 @@ def pending_buffers(source: CacheSource, plan: StreamPlan, stop: threading.Event
 
 def fill_buffer(source: CacheSource, plan: StreamPlan, shards, buffer: Buffer, offset: int, rows: BufferRows,
                 columns: list[np.ndarray], copiers: ThreadPoolExecutor) -> None:
-    """Copy the consumer's rows of the buffer, from `offset` on, to their places in `columns`,
-    range after range of `rows`, marking each filled."""
+    """Copy the consumer's rows of the buffer, from `offset` on, to their places in `columns`, and
+    mark `rows` filled."""
     wanted = row_indices(buffer, plan.order)[offset:]
-    rounds = max(1, min(FILL_ROUNDS, len(wanted) // plan.request.batch_size)) if source.local else 1
-    bounds = [len(wanted) * r // rounds for r in range(rounds + 1)]
     starts = np.cumsum([0, *buffer.piece_rows])
     widths = [c.shape[1] for c in columns]
     checked: set[tuple] = set()  # pages whose checksum matched, once per buffer
-    for first, last in zip(bounds, bounds[1:]):
+    # where each piece's rows go: the wanted rows sorted, with their destinations
+    by_row = np.argsort(wanted, kind="stable")
+    sorted_rows = wanted[by_row]
+    cuts = np.searchsorted(sorted_rows, starts)
+    by_shard: dict[int, list[int]] = {}  # shard -> its pieces' positions in the buffer, if it has rows here
+    for k, (shard, _) in enumerate(buffer.pieces):
+        if cuts[k] < cuts[k + 1]:
+            by_shard.setdefault(shard, []).append(k)
+
+    def copy_shard(shard: int, ks: list[int]) -> None:
         if rows.released:
             return
-        # where each piece's rows of this range go: the range's rows sorted, with their destinations
-        by_row = first + np.argsort(wanted[first:last], kind="stable")
-        sorted_rows = wanted[by_row]
-        cuts = np.searchsorted(sorted_rows, starts)
-        by_shard: dict[int, list[int]] = {}  # shard -> its pieces' positions in the buffer, if it has rows here
-        for k, (shard, _) in enumerate(buffer.pieces):
-            if cuts[k] < cuts[k + 1]:
-                by_shard.setdefault(shard, []).append(k)
+        groups = [buffer.pieces[k][1] for k in ks]
+        for k, pieces in zip(ks, piece_columns(source, plan, shards[shard], groups, widths, checked)):
+            dst, local = by_row[cuts[k]:cuts[k + 1]], sorted_rows[cuts[k]:cuts[k + 1]] - starts[k]
+            for target, (pages, values) in zip(columns, pieces):
+                copy_rows(target, dst, local, pages, values)
 
-        def copy_shard(shard: int, ks: list[int]) -> None:
-            groups = [buffer.pieces[k][1] for k in ks]
-            for k, pieces in zip(ks, piece_columns(source, plan, shards[shard], groups, widths, checked)):
-                dst, local = by_row[cuts[k]:cuts[k + 1]], sorted_rows[cuts[k]:cuts[k + 1]] - starts[k]
-                for target, (pages, values) in zip(columns, pieces):
-                    copy_rows(target, dst, local, pages, values)
-
-        if source.local:
-            for done in [copiers.submit(copy_shard, shard, ks) for shard, ks in by_shard.items()]:
-                done.result()
-        else:  # one shard's decoded row groups in memory at a time (StreamPlan.memory_bytes counts one)
-            for shard, ks in by_shard.items():
-                copy_shard(shard, ks)
-        rows.mark_filled(last)
+    if source.local:
+        for done in [copiers.submit(copy_shard, shard, ks) for shard, ks in by_shard.items()]:
+            done.result()
+    else:  # one shard's decoded row groups in memory at a time (StreamPlan.memory_bytes counts one)
+        for shard, ks in by_shard.items():
+            copy_shard(shard, ks)
+    rows.mark_filled(len(wanted))
 
 
 def piece_columns(source: CacheSource, plan: StreamPlan, shard, groups: list[int], widths: list[int],
