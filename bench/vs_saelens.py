@@ -78,7 +78,7 @@ def train_ours(arch, target, train, eval_x, args):
     d_in = train.shape[1]
     n_steps = math.ceil(args.tokens / args.batch_size)
     cfg = SAEConfig(arch, d_in=d_in, d_sae=args.d_sae, hook_name=args.hook, target_l0=target)
-    sae = build_sae(cfg, seed=0)
+    sae = build_sae(cfg, seed=args.seed)
     trainer = Trainer(sae, TrainConfig(total_steps=n_steps, batch_size=args.batch_size))
     t0 = time.perf_counter()
     stats = {}
@@ -110,7 +110,7 @@ def train_saelens(arch, target, coefficient, train, eval_x, args):
         "batchtopk": sae_lens.BatchTopKTrainingSAEConfig,
         "jumprelu": sae_lens.JumpReLUTrainingSAEConfig,
     }[arch]
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     sae = sae_lens.TrainingSAE.from_dict({**config_class(**common, **settings).to_dict()})
     decay_steps = max(1, int(0.2 * n_steps))
     trainer_cfg = SAETrainerConfig(
@@ -183,6 +183,8 @@ def main() -> None:
     parser.add_argument("--libraries", default="ours,saelens")
     parser.add_argument("--search-runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="both libraries' initialisation seed (the batches stay the same, in the same order)")
     parser.add_argument("--from-logs", nargs="+", metavar="LOG",
                         help="train nothing: print the equal-L0 comparison from the tables that earlier runs printed")
     args = parser.parse_args()
