@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from actserve.clients.stream import ActivationStream, StreamUnavailable
+from actserve.services.storage import CacheError
 from conftest import free_port
 from actserve.testing import SyntheticSpec, read_split, write_synthetic_cache
 from streamkit import row_keys, running_server, server_process
@@ -140,6 +141,8 @@ def test_read_from_gives_the_servers_batches_and_resumes_as_they_do(server, cach
     write_synthetic_cache(other, SyntheticSpec(train_shards=5, eval_shards=2))
     with pytest.raises(ValueError, match=r"holds other train shards than the server's cache tiny: not the same cache"):
         next(iter(stream(server, read_from=other)))
+    with pytest.raises(CacheError, match=r"no cache at .*missing"):
+        next(iter(stream(server, read_from=str(tmp_path / "missing"))))
 
 
 def test_endless_epochs_each_exactly_once(server):
