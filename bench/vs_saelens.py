@@ -17,6 +17,9 @@ controller otherwise). SAELens's topk/batchtopk take k = target; its standard, g
 trainers have no target-L0 control, so their coefficient is searched: a first run at the coefficient
 our controller ended at, then secant steps in log-log space (L0 ~ c^-a), --search-runs runs in all at
 the full token budget, and the run whose held-out L0 is closest to the target is reported.
+Ours then also trains at the L0 SAELens reached (--match-l0, the default) unless a run of ours is
+already within 3% of it, so that the equal-L0 table compares the two at nearly the same L0 instead
+of reading our curve between targets a factor of 2 apart.
 
 The table's figures come from `actserve eval`'s own code (clients/evaluator.py) on the whole eval
 split, BOS excluded: every SAE (SAELens's loaded into our classes, which give equal activations) has
@@ -185,6 +188,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0,
                         help="both libraries' initialisation seed (the batches stay the same, in the same order)")
+    parser.add_argument("--match-l0", action=argparse.BooleanOptionalAction, default=True,
+                        help="after each SAELens search, also train ours at SAELens's L0 (penalised architectures)")
     parser.add_argument("--from-logs", nargs="+", metavar="LOG",
                         help="train nothing: print the equal-L0 comparison from the tables that earlier runs printed")
     args = parser.parse_args()
@@ -224,6 +229,17 @@ def main() -> None:
                     theirs = search_saelens(arch, target, start, train, eval_x, args)
                 rows.append((arch, target, "saelens", theirs))
                 print(f"  saelens {arch} target {target}: L0 {theirs['l0']:.2f} EV {theirs['explained_variance']:.4f}", flush=True)
+                if "ours" in args.libraries and arch not in ("topk", "batchtopk") and args.match_l0:
+                    # Our curve is read at SAELens's L0 by interpolation; between targets a factor
+                    # of 2 apart that underestimates a concave curve (EV against log L0), so ours
+                    # also trains at SAELens's own L0 whenever no run of ours is within 3% of it.
+                    l0s = [r["l0"] for a, _, lib, r in rows if a == arch and lib == "ours"]
+                    if min(abs(math.log(l0 / theirs["l0"])) for l0 in l0s) > math.log(1.03):
+                        matched = round(theirs["l0"], 1)
+                        ours = train_ours(arch, matched, train, eval_x, args)
+                        ours["how"] = f"target_l0 = SAELens's L0 (controller ended at {ours['coefficient']:.3g})"
+                        rows.append((arch, matched, "ours", ours))
+                        print(f"  ours {arch} target {matched}: L0 {ours['l0']:.2f} EV {ours['explained_variance']:.4f}", flush=True)
 
     scored = score_on_model(rows, scale, args.cache)
     print()

@@ -84,9 +84,12 @@ def test_controller_coefficient_is_in_the_step_stats_and_moves_towards_the_targe
     trainer = Trainer(build_sae(cfg), TrainConfig(total_steps=100, batch_size=BATCH, target_l0_start_fraction=0.0))
     generator = torch.Generator().manual_seed(1)
     coefficients = [trainer.step(DATA.sample(BATCH, generator) * input_scale())["sparsity_coefficient"] for _ in range(100)]
-    assert coefficients[0] == pytest.approx(0.01)
-    # At most gain * max_error = 0.009 in log space per step: up to exp(0.9) after 100 steps.
+    # It starts at the coefficient scaled by reference / target (L0 ~ 1 / coefficient) ...
+    assert coefficients[0] == pytest.approx(0.01 * TrainConfig.target_l0_reference / 2.0)
+    # ... and moves at most gain * max_error = 0.009 in log space per step: up to exp(0.9) after 100 steps.
     assert coefficients[-1] > 2 * coefficients[0]
+    unscaled = Trainer(build_sae(cfg), TrainConfig(total_steps=100, target_l0_reference=None))
+    assert unscaled.step(DATA.sample(BATCH, generator) * input_scale())["sparsity_coefficient"] == pytest.approx(0.01)
     with pytest.raises(ValueError, match="needs TrainConfig.total_steps"):
         Trainer(build_sae(cfg), TrainConfig())
 
