@@ -196,6 +196,7 @@ def test_config_validation(settings, message):
         (dict(autocast_dtype="float8"), "autocast_dtype must be None or one of"),
         (dict(dead_feature_window=0), "dead_feature_window must be >= 1"),
         (dict(target_l0_proportional_gain=-1.0), "target_l0_gain and target_l0_proportional_gain must be >= 0"),
+        (dict(target_l0_reference=0.0), "target_l0_reference must be None or > 0"),
     ],
 )
 def test_train_config_validation(settings, message):
