@@ -11,6 +11,7 @@ import dataclasses
 import errno
 import json
 import os
+import re
 import sys
 import typing
 from pathlib import Path
@@ -446,9 +447,20 @@ OS_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EACCES: "permiss
              errno.EROFS: "read-only file system", errno.EDQUOT: "disk quota exceeded"}
 
 
+def os_errno(e: OSError) -> int | None:
+    """The error's errno; pyarrow's OSErrors leave it None and carry it in the text ("[errno 28]")."""
+    if e.errno is not None:
+        return e.errno
+    match = re.search(r"\[errno (\d+)\]", str(e), re.IGNORECASE)
+    return int(match.group(1)) if match else None
+
+
 def os_error_message(e: OSError) -> str:
     """One line for an expected system failure (disk full, port in use, permission denied...)."""
-    what = OS_ERRORS.get(e.errno)
+    cause = getattr(e, "cause", None)  # raised in a Ray actor
+    if isinstance(cause, OSError):
+        e = cause
+    what = OS_ERRORS.get(os_errno(e))
     where = f": {e.filename}" if e.filename else f": {e.strerror}" if e.strerror else ""
     if what:
         return f"{what}{where}"

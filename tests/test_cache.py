@@ -19,7 +19,7 @@ from actserve.services.build import BuildOptions, build_cache
 from actserve.services.shard_format import decode_activations, read_shard
 from actserve.services.storage import open_url
 from actserve.services.manifest import read_manifest
-from actserve.cli import main as cli_main
+from actserve.cli import main as cli_main, os_error_message
 from actserve.services.data import DatasetSpec, iter_documents, iter_sequences
 from tests.conftest import free_port
 
@@ -268,6 +268,12 @@ def test_full_disk_is_one_line_and_the_build_resumes(small_disk, tiny_model, cor
     subprocess.run(["mount", "-o", "remount,size=16m", str(small_disk)], check=True)
     assert cli_main(cli_build_args(tiny_model, corpus, out)) == 0
     assert read_manifest(str(out)).complete and verify_cache(str(out)) == []
+
+
+def test_pyarrow_full_disk_error_names_the_problem():
+    # pyarrow's writer raises OSError with errno None and the errno in its text; Ray wraps it
+    error = OSError("Error writing bytes to file. Detail: [errno 28] No space left on device")
+    assert os_error_message(error) == "no space left on the device"
 
 
 # --- a model host that cannot finish a shard: one line, the committed prefix kept, resumable ----
