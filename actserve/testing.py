@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from actserve.proto.manifest_pb2 import BuildConfig, Manifest, Shard
-from actserve.services.shard_format import DTYPES, decode_activations, read_shard, shard_path, write_shard
+from actserve.services.shard_format import (DTYPES, decode_activations, in_sequence_order, read_shard, shard_group_rows,
+                                            shard_path, write_shard)
 from actserve.services.manifest import FORMAT_VERSION, add_stats, write_manifest
 from actserve.services.serve_options import ServeOptions
 from actserve.services.storage import open_url
@@ -41,6 +42,7 @@ class SyntheticSpec:
     dtype: str = "float16"
     seed: int = 0
     d_vocab: int = 1000
+    position_major: bool = True  # False: shards in sequence order, as caches built before it was added
 
 
 class SyntheticCache:
@@ -55,6 +57,7 @@ class SyntheticCache:
             hooks=list(spec.hooks), dtype=spec.dtype, sequences_per_shard=spec.sequences_per_shard,
             train_tokens=spec.train_shards * spec.sequences_per_shard * spec.context_size,
             eval_tokens=spec.eval_shards * spec.sequences_per_shard * spec.context_size,
+            position_major=spec.position_major,
         )
         self.manifest = Manifest(format_version=FORMAT_VERSION, config=config, d_model=spec.d_model,
                                  n_ctx=spec.context_size, d_vocab=spec.d_vocab, bos_token_id=BOS,
@@ -78,7 +81,8 @@ class SyntheticCache:
             acts = {h: torch.from_numpy(rng.standard_normal((rows, s.d_model), dtype=np.float32)).to(DTYPES[s.dtype])
                     for h in s.hooks}
             path = shard_path(split, index)
-            written = write_shard(self.fs, f"{self.root}/{path}", tokens, first, acts, list(s.hooks), s.dtype)
+            written = write_shard(self.fs, f"{self.root}/{path}", tokens, first, acts, list(s.hooks), s.dtype,
+                                  shard_group_rows(self.manifest.config, s.d_model), s.position_major)
             target.shards.append(Shard(path=path, num_rows=rows, num_bytes=written.size, sha256=written.sha256,
                                        first_sequence=first,
                                        num_sequences=s.sequences_per_shard))
@@ -122,7 +126,9 @@ def read_split(url: str, manifest: Manifest, split: str, storage_options: dict |
     [rows, d_model * bytes per value]). Row (sequence - first sequence of the split) * context_size
     + position holds that token."""
     fs, root = open_url(url, storage_options)
-    tables = [read_shard(fs, root, shard) for shard in getattr(manifest, split).shards]
+    config = manifest.config
+    tables = [in_sequence_order(read_shard(fs, root, shard), config.context_size, config.position_major)
+              for shard in getattr(manifest, split).shards]
     out = {}
     for name in tables[0].schema.names:
         chunks = [t.column(name).combine_chunks() for t in tables]

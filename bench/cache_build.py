@@ -118,14 +118,16 @@ def host_threads() -> int:
 
 
 def bench_shard_io(out: Path, manifest, repeats: int = 3):
-    from actserve.services.shard_format import decode_activations, read_shard, write_shard
+    from actserve.services.shard_format import (decode_activations, in_sequence_order, read_shard, shard_group_rows,
+                                                write_shard)
     from actserve.services.storage import open_url
 
     fs, root = open_url(str(out))
     shard = max(manifest.train.shards, key=lambda s: s.num_bytes)
-    table = read_shard(fs, root, shard)
-    hooks = list(manifest.config.hooks)
-    ctx = manifest.config.context_size
+    config = manifest.config
+    hooks = list(config.hooks)
+    ctx = config.context_size
+    table = in_sequence_order(read_shard(fs, root, shard), ctx, config.position_major)
     tokens = table.column("token").to_numpy().reshape(-1, ctx)
     acts = {h: decode_activations(table.column(h), manifest.config.dtype, manifest.d_model) for h in hooks}
     plain = pa.table({h: table.column(h) for h in hooks})  # same activation bytes, no actserve code
@@ -141,7 +143,8 @@ def bench_shard_io(out: Path, manifest, repeats: int = 3):
         return min(times)
 
     def ours_write():
-        write_shard(fs, str(tmp / "ours.parquet"), tokens, 0, acts, hooks, manifest.config.dtype)
+        write_shard(fs, str(tmp / "ours.parquet"), tokens, 0, acts, hooks, config.dtype,
+                    shard_group_rows(config, manifest.d_model), config.position_major)
 
     def plain_write():
         pq.write_table(plain, tmp / "plain.parquet", compression="none", use_dictionary=False, write_statistics=False)

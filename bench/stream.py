@@ -43,10 +43,10 @@ STREAMED = HOOKS  # the hooks every stream asks for (main sets it from --stream-
 EPOCHS = 1  # epochs each stream reads (and pyarrow reads the shards); timings are per epoch
 
 
-def ensure_cache(directory: Path, shards: int) -> tuple[str, int]:
-    url = str(directory / "gpt2-small-synthetic")
+def ensure_cache(directory: Path, shards: int, position_major: bool) -> tuple[str, int]:
+    url = str(directory / ("gpt2-small-synthetic" if position_major else "gpt2-small-synthetic-sequence-order"))
     spec = SyntheticSpec(hooks=HOOKS, d_model=768, context_size=128, sequences_per_shard=40, train_shards=shards,
-                         eval_shards=0, dtype="float16")
+                         eval_shards=0, dtype="float16", position_major=position_major)
     manifest = read_manifest(url)
     if manifest is None or len(manifest.train.shards) != shards:
         write_synthetic_cache(url, spec)
@@ -195,19 +195,21 @@ def main() -> None:
     parser.add_argument("--buffer-tokens", type=int, default=0,
                         help="shuffle buffer of the streams; 0: a quarter of the split, so that reading the next "
                              "buffer overlaps sending this one as in a split of many buffers")
+    parser.add_argument("--sequence-order", action="store_true",
+                        help="shards with rows in sequence order, as caches built before position-major shards")
     parser.add_argument("--epochs", type=int, default=1,
                         help="epochs each stream reads in one call (a stream's setup, ~0.1 s, spread over them)")
     args = parser.parse_args()
 
     global BUFFER_TOKENS, STREAMED, EPOCHS
     STREAMED, EPOCHS = HOOKS[:args.stream_hooks], args.epochs
-    url, tokens = ensure_cache(Path(args.dir), args.shards)
+    url, tokens = ensure_cache(Path(args.dir), args.shards, not args.sequence_order)
     BUFFER_TOKENS = args.buffer_tokens or tokens // 4
     gb = tokens * row_bytes() / 1e9
     print(f"cache {url}: {tokens:,} tokens, {len(HOOKS)} hooks x d_model 768 float16; streams of {len(STREAMED)} "
           f"hook(s), {gb:.2f} GB of activations per epoch;"
           f" batch {BATCH}; buffer {BUFFER_TOKENS:,} tokens; {EPOCHS} epoch(s) per stream; {torch.get_num_threads()} CPU threads; median of {args.repeat}")
-    proc, location = spawn_server(ServeOptions(caches=(url,), local_cache_gb=0))
+    proc, location = spawn_server(ServeOptions(caches=(f"gpt2-small-synthetic={url}",), local_cache_gb=0))
     try:
         time_pyarrow(url)  # warm the page cache for both sides
         time_stream(location)

@@ -33,7 +33,7 @@ from actserve.clients.tables import markdown_table
 from actserve.sae import SAE, load_sae
 from actserve.sae.metrics import StreamingMetrics, plot_log10_feature_density
 from actserve.services.storage import CacheError, open_url
-from actserve.services.shard_format import decode_activations, read_shard
+from actserve.services.shard_format import decode_activations, in_sequence_order, read_shard
 from actserve.services.manifest import read_manifest
 from actserve.services.model import WeightProcessing, load_model
 
@@ -92,7 +92,8 @@ def cached_sequences(opts: EvalOptions, manifest, hooks: list[str]):
     fs, root = open_url(opts.cache, opts.storage_options)
     ctx, d_model, dtype = manifest.config.context_size, manifest.d_model, manifest.config.dtype
     for shard in manifest.eval.shards:
-        table = read_shard(fs, root, shard, columns=["token", *hooks])
+        table = in_sequence_order(read_shard(fs, root, shard, columns=["token", *hooks]), ctx,
+                                  manifest.config.position_major)
         tokens = torch.from_numpy(table.column("token").to_numpy().reshape(-1, ctx).astype(np.int64))
         yield tokens, {h: decode_activations(table.column(h), dtype, d_model).view(-1, ctx, d_model) for h in hooks}
 

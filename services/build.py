@@ -28,7 +28,7 @@ from actserve.services.manifest import (
 from actserve.services.model import WeightProcessing
 from actserve.services.model_host import CONCURRENT_SHARDS, ModelHost, cpu_forward_threads
 from actserve.services.ray_runtime import ensure_ray
-from actserve.services.shard_format import DTYPES, shard_path
+from actserve.services.shard_format import DTYPES, shard_group_rows, shard_path
 from actserve.services.storage import CacheError, check_writable, open_url, remove_temporaries
 
 
@@ -115,6 +115,8 @@ def build_cache(opts: BuildOptions, progress: bool = True, ray_address: str | No
             sequences_per_shard=sequences_per_shard(opts, len(hooks), info["d_model"]),
             batch_sequences=opts.batch_sequences,
             processing=WeightProcessingMsg(**asdict(opts.processing)),
+            # a build resumed into a cache started before position-major shards keeps its layout
+            position_major=existing is None or existing.config.position_major,
         )
         if existing is not None:
             diffs = config_differences(existing.config, config)
@@ -202,6 +204,7 @@ def run_build(opts: BuildOptions, manifest: Manifest, hosts: list, tokenizer, in
             ref = host.write_shard.remote(
                 opts.out, opts.storage_options, path, tokens, first_id,
                 list(cfg.hooks), cfg.dtype, cfg.batch_sequences, cfg.prepend_bos,
+                shard_group_rows(cfg, manifest.d_model), cfg.position_major,
             )
             in_flight[ref] = (order, split, path)
         if not in_flight:

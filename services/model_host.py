@@ -118,12 +118,14 @@ class ModelHost:
         dtype: str,
         batch_sequences: int,
         skip_bos: bool,
+        group_rows: int,
+        position_major: bool,
     ) -> dict:
         """Compute and write one shard (not yet committed: the builder lists it in the manifest).
         The forward holds the lock; the write runs outside it, beside the next call's forward."""
         with self.forward_lock:
             acts, sums = self.activations(tokens, hooks, dtype, batch_sequences, skip_bos)
         fs, root = open_url(url, storage_options)
-        written = write_shard(fs, f"{root}/{path}", tokens, first_sequence, acts, hooks, dtype)
+        written = write_shard(fs, f"{root}/{path}", tokens, first_sequence, acts, hooks, dtype, group_rows, position_major)
         return {"path": path, "num_rows": tokens.size, "num_bytes": written.size, "sha256": written.sha256,
                 "first_sequence": first_sequence, "num_sequences": len(tokens), "sums": sums}

@@ -2,7 +2,13 @@
 
 Columns: `sequence` (int64), `position` (int32), `token` (int32), and one `fixed_size_binary(d_model x
 bytes)` column per hook whose field metadata holds `dtype` and `d_model` (a fixed-size binary column
-reads 4-6x faster than `list<float16>`). Row groups hold whole sequences, about ROW_GROUP_BYTES each.
+reads 4-6x faster than `list<float16>`).
+
+Rows are position-major in caches whose config says so (manifest.proto): row p * N + s of a shard
+of N sequences is position p of sequence s, so a row group holds a few positions of every sequence
+of the shard, about POSITION_MAJOR_GROUP_BYTES (`shard_group_rows`); `in_sequence_order` gives a
+reader the sequence order back. In caches built before, rows are in sequence order and a row group
+holds whole sequences, about ROW_GROUP_BYTES.
 """
 from __future__ import annotations
 
@@ -14,13 +20,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from actserve.proto.manifest_pb2 import Shard
+from actserve.proto.manifest_pb2 import BuildConfig, Shard
 from actserve.services.storage import CacheError, Written, atomic_write, is_local
 
 META_COLUMNS = ("sequence", "position", "token")
 # the torch dtype activations decode to (and so the bytes per value)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 ROW_GROUP_BYTES = 16 << 20  # one row group per ~16 MiB: a good size for one ranged GET
+# A shuffle buffer holds, of each sequence it draws, the rows a row group holds of it (shuffle.py):
+# smaller row groups mix more sequences per byte of buffer. 2 MiB makes that 2 rows in GPT-2 small's
+# 12-hook layout (56 sequences a shard); a remote shard is fetched whole (shard_cache.py) anyway.
+POSITION_MAJOR_GROUP_BYTES = 2 << 20
 
 
 def bytes_per_value(dtype: str) -> int:
@@ -63,10 +73,39 @@ def decode_activations(column: pa.Array | pa.ChunkedArray, dtype: str, d_model: 
     return torch.frombuffer(view, dtype=DTYPES[dtype]).view(len(column), d_model)
 
 
+def position_major_rows(num_sequences: int, context_size: int) -> np.ndarray:
+    """For each row of a position-major shard (row p * N + s: position p of sequence s), the row
+    of the same token in sequence order (s * context_size + p)."""
+    return (np.arange(context_size)[:, None] + np.arange(num_sequences)[None, :] * context_size).ravel()
+
+
+def sequence_order_rows(num_sequences: int, context_size: int) -> np.ndarray:
+    """The inverse of position_major_rows: for each row in sequence order, its position-major row."""
+    return (np.arange(num_sequences)[:, None] + np.arange(context_size)[None, :] * num_sequences).ravel()
+
+
+def in_sequence_order(table: pa.Table, context_size: int, position_major: bool) -> pa.Table:
+    """A whole shard's rows in sequence order (as read: already so unless position_major)."""
+    if not position_major:
+        return table
+    return table.take(sequence_order_rows(table.num_rows // context_size, context_size))
+
+
 def rows_per_row_group(row_bytes: int, context_size: int) -> int:
-    """Whole sequences per row group, about ROW_GROUP_BYTES each."""
+    """Whole sequences per row group, about ROW_GROUP_BYTES each (shards in sequence order)."""
     sequences = max(1, ROW_GROUP_BYTES // (row_bytes * context_size))
     return sequences * context_size
+
+
+def shard_group_rows(config: BuildConfig, d_model: int) -> int:
+    """Rows per row group of the cache's shards: position-major, whole positions of a full shard's
+    sequences, about POSITION_MAJOR_GROUP_BYTES; in sequence order, whole sequences."""
+    row_bytes = shard_row_bytes(len(config.hooks), d_model, config.dtype)
+    if not config.position_major:
+        return rows_per_row_group(row_bytes, config.context_size)
+    sequences = config.sequences_per_shard
+    positions = min(config.context_size, max(1, POSITION_MAJOR_GROUP_BYTES // (sequences * row_bytes)))
+    return positions * sequences
 
 
 def shard_row_bytes(num_hooks: int, d_model: int, dtype: str) -> int:
@@ -87,9 +126,13 @@ def write_shard(
     activations: dict[str, torch.Tensor],
     hooks: list[str],
     dtype: str,
+    group_rows: int,
+    position_major: bool,
 ) -> Written:
-    """Write one shard (tokens [n_seq, ctx], activations {hook: [n_seq*ctx, d_model]}) atomically;
-    returns its size in bytes and sha256, for the manifest. Not committed until a manifest lists it."""
+    """Write one shard (tokens [n_seq, ctx], activations {hook: [n_seq*ctx, d_model]}, both in
+    sequence order) atomically, in row groups of group_rows rows (`shard_group_rows`), its rows
+    position-major if asked; returns its size in bytes and sha256, for the manifest. Not committed
+    until a manifest lists it."""
     n_seq, ctx = tokens.shape
     d_model = activations[hooks[0]].shape[1]
     schema = shard_schema(hooks, d_model, dtype)
@@ -99,12 +142,13 @@ def write_shard(
         pa.array(tokens.reshape(-1).astype(np.int32, copy=False)),
     ] + [encode_activations(activations[h]) for h in hooks]
     table = pa.Table.from_arrays(columns, schema=schema)
-    row_bytes = shard_row_bytes(len(hooks), d_model, dtype)
+    if position_major:
+        table = table.take(position_major_rows(n_seq, ctx))
     # Uncompressed, no dictionary, statistics only on the small columns: FIELD-NOTES measured zstd
     # saving 6% on float16 activations at 2-3x the read cost, and min/max of raw vectors is noise.
     # Every data page carries a CRC32 that read_shard verifies, so a flipped byte fails the read.
     return atomic_write(fs, path, lambda target: pq.write_table(
-        table, target, row_group_size=rows_per_row_group(row_bytes, ctx), compression="none",
+        table, target, row_group_size=group_rows, compression="none",
         use_dictionary=False, write_statistics=list(META_COLUMNS), write_page_checksum=True), checksum=True)
 
 

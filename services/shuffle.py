@@ -3,8 +3,11 @@ the manifest, so any server process computes the same order and a cursor (rows c
 client needs to resume.
 
 The unit of reading is a PIECE: one row group of one shard (shards are written with row groups of
-`group_rows` rows, whole sequences; the last row group of a shard may be smaller). Reading the
-requested columns of a piece reads only those column chunks.
+`group_rows` rows; the last row group of a shard may be smaller). Reading the requested columns of
+a piece reads only those column chunks. Shards are position-major (manifest.proto: row p * N + s is
+position p of the shard's sequence s), so a piece holds r = group_rows / N rows of each of the
+shard's N sequences (2 in GPT-2 small's 12-hook layout); in caches built before, rows are in
+sequence order and a piece holds whole sequences (r = context_size).
 
 Shuffled-token mode:
   1. `piece_order`: every piece of the split (shard by shard, row group by row group) in a random
@@ -18,15 +21,14 @@ Shuffled-token mode:
 Consumers are therefore disjoint and together read the whole epoch. A cursor maps to (buffer,
 offset in that buffer's slice), so a resume re-reads at most one buffer.
 
-Mixing: a buffer holds S = kept rows / rows per sequence sequences drawn from all over the split,
-so a batch of b rows has about `expected_distinct(S, b)` distinct sequences, as a batch of a
-uniform global shuffle has `expected_distinct(split sequences, b)`; the ratio is >= 0.9 once
-S >= 5 b, i.e. buffer_tokens >= 5 * b * rows per sequence. It depends neither on the shard size
-nor on how many hooks a shard holds.
+Mixing: a buffer holds about S = kept rows / r sequences drawn from all over the split (pieces of
+distinct shards), so a batch of b rows has about `expected_distinct(S, b)` distinct sequences, as
+a batch of a uniform global shuffle has `expected_distinct(split sequences, b)`; the ratio is
+>= 0.9 once S >= 5 b, i.e. buffer_tokens >= 5 * b * r (bench/shuffle_quality.py measures it).
 
 Whole-sequence mode: the split's sequences in cache order, unshuffled; consumer c reads the c-th of
 num_consumers contiguous near-equal ranges of whole sequences. Buffers are then runs of consecutive
-pieces, read in order.
+pieces (of whole shards when position-major), read in sequence order.
 
 Follow mode (a cache still being built): pieces of shards not committed yet cannot be shuffled, so
 buffers are formed from the pieces of committed shards in COMMIT order, once they hold
@@ -34,9 +36,9 @@ buffer_tokens (the last, smaller buffer once the manifest is complete); rows are
 within each buffer and sliced among consumers. The order is the same whether the build has
 finished or not, so cursors stay valid while the cache grows.
 
-Every shard holds whole sequences of exactly context_size rows in sequence order (manifest.proto),
-so the row at index i of a piece has position i % context_size: BOS rows are found by arithmetic,
-without reading the position column.
+Every shard holds whole sequences of exactly context_size rows (manifest.proto), so BOS rows are
+found by arithmetic, without reading the position column: a position-major shard's first N rows,
+every context_size-th row of a shard in sequence order.
 """
 from __future__ import annotations
 
@@ -58,12 +60,13 @@ class Order:
     epoch: int
     buffer_tokens: int            # kept rows a buffer takes pieces up to
     context_size: int
-    group_rows: int               # rows per row group of the cache's shards (a multiple of context_size)
+    group_rows: int               # rows per row group of the cache's shards (in sequence order: whole sequences)
     drop_bos: bool = False        # leave out position-0 rows (only pass True for prepend_bos caches)
     num_consumers: int = 1
     consumer_index: int = 0
     shuffle: bool = True          # False: whole-sequence mode
     follow: bool = False          # buffers from committed shards' pieces in commit order
+    position_major: bool = False  # the shards' rows are position-major (manifest.proto), not in sequence order
 
     def __post_init__(self):
         if self.buffer_tokens < 1:
@@ -72,7 +75,7 @@ class Order:
             raise ValueError(f"consumer_index must be in 0..{self.num_consumers - 1}, got {self.consumer_index}")
         if self.context_size < 1 + self.drop_bos:
             raise ValueError(f"context_size {self.context_size} leaves no rows")
-        if self.group_rows < 1 or self.group_rows % self.context_size:
+        if self.group_rows < 1 or (not self.position_major and self.group_rows % self.context_size):
             raise ValueError(f"group_rows {self.group_rows} is not a whole number of sequences of {self.context_size}")
 
     @property
@@ -93,6 +96,7 @@ class Buffer:
     index: int                    # position in the epoch's buffer order; seeds the permutation
     pieces: tuple[Piece, ...]     # in concatenation order
     piece_rows: tuple[int, ...]   # rows of each piece (BOS included)
+    piece_kept: tuple[int, ...]   # rows of each piece after dropping BOS
     kept_rows: int                # rows of the buffer after dropping BOS
     lo: int                       # this consumer's slice of the (permuted) kept rows
     hi: int
@@ -120,7 +124,14 @@ def consumer_slice(num_rows: int, num_consumers: int, consumer_index: int) -> tu
     return num_rows * consumer_index // num_consumers, num_rows * (consumer_index + 1) // num_consumers
 
 
-def kept_rows(num_rows: int, order: Order) -> int:
+def piece_kept_rows(shard: Shard, group: int, num_rows: int, order: Order) -> int:
+    """Rows of row group `group` (num_rows rows) of the shard that drop_bos keeps: BOS rows are
+    every context_size-th row in sequence order, the shard's first num_sequences rows (so the
+    first rows of its first row groups) when position-major."""
+    if not order.drop_bos:
+        return num_rows
+    if order.position_major:
+        return num_rows - min(max(shard.num_sequences - group * order.group_rows, 0), num_rows)
     return num_rows // order.context_size * order.rows_per_sequence
 
 
@@ -141,23 +152,24 @@ def check_shards(shards: Sequence[Shard], context_size: int) -> None:
             )
 
 
-def split_pieces(shards: Sequence[Shard], group_rows: int) -> tuple[list[Piece], list[int]]:
-    """Every piece of the split in shard order, and the rows of each."""
-    pieces, rows = [], []
+def split_pieces(shards: Sequence[Shard], order: Order) -> tuple[list[Piece], list[int], list[int]]:
+    """Every piece of the split in shard order, the rows of each, and its rows drop_bos keeps."""
+    pieces, rows, kept = [], [], []
     for i, shard in enumerate(shards):
-        for g, n in enumerate(shard_groups(shard.num_rows, group_rows)):
+        for g, n in enumerate(shard_groups(shard.num_rows, order.group_rows)):
             pieces.append((i, g))
             rows.append(n)
-    return pieces, rows
+            kept.append(piece_kept_rows(shard, g, n, order))
+    return pieces, rows, kept
 
 
-def group_pieces(ids: np.ndarray, rows: list[int], order: Order, complete: bool) -> list[list[int]]:
-    """Runs of consecutive pieces (ids in order) of at least buffer_tokens kept rows; the last run
-    is kept short only when the epoch is complete."""
+def group_pieces(units: Sequence[Sequence[int]], kept: list[int], order: Order, complete: bool) -> list[list[int]]:
+    """Runs of consecutive units (lists of piece ids, in order) of at least buffer_tokens kept
+    rows; the last run is kept short only when the epoch is complete."""
     runs, run, held = [], [], 0
-    for i in ids:
-        run.append(int(i))
-        held += kept_rows(rows[i], order)
+    for unit in units:
+        run.extend(int(i) for i in unit)
+        held += sum(kept[i] for i in unit)
         if held >= order.buffer_tokens:
             runs.append(run)
             run, held = [], 0
@@ -166,35 +178,44 @@ def group_pieces(ids: np.ndarray, rows: list[int], order: Order, complete: bool)
     return runs
 
 
+def make_buffer(index: int, run: list[int], pieces: list[Piece], rows: list[int], kept: list[int],
+                lo: int, hi: int) -> Buffer:
+    return Buffer(index, tuple(pieces[i] for i in run), tuple(rows[i] for i in run), tuple(kept[i] for i in run),
+                  sum(kept[i] for i in run), lo, hi)
+
+
 def epoch_buffers(shards: Sequence[Shard], order: Order, complete: bool = True) -> list[Buffer]:
     """The consumer's buffers of the epoch, in reading order, that the committed `shards` allow.
 
     complete=False (follow mode on a cache still being built) leaves out a trailing run of pieces
     holding fewer than buffer_tokens rows: more pieces will join it."""
     check_shards(shards, order.context_size)
-    pieces, rows = split_pieces(shards, order.group_rows)
+    pieces, rows, kept = split_pieces(shards, order)
     if not order.shuffle:
-        return sequence_buffers(pieces, rows, order)
+        return sequence_buffers(pieces, rows, kept, order)
     ids = np.arange(len(pieces)) if order.follow else piece_order(order.seed, order.epoch, len(pieces))
     buffers = []
-    for index, run in enumerate(group_pieces(ids, rows, order, complete)):
-        kept = sum(kept_rows(rows[i], order) for i in run)
-        lo, hi = consumer_slice(kept, order.num_consumers, order.consumer_index)
-        buffers.append(Buffer(index, tuple(pieces[i] for i in run), tuple(rows[i] for i in run), kept, lo, hi))
+    for index, run in enumerate(group_pieces([[i] for i in ids], kept, order, complete)):
+        lo, hi = consumer_slice(sum(kept[i] for i in run), order.num_consumers, order.consumer_index)
+        buffers.append(make_buffer(index, run, pieces, rows, kept, lo, hi))
     return buffers
 
 
-def sequence_buffers(pieces: list[Piece], rows: list[int], order: Order) -> list[Buffer]:
-    """Whole-sequence mode: the consumer's range of sequences, cut at buffer boundaries."""
+def sequence_buffers(pieces: list[Piece], rows: list[int], kept: list[int], order: Order) -> list[Buffer]:
+    """Whole-sequence mode: the consumer's range of sequences, cut at buffer boundaries: between
+    pieces, or between shards when position-major (a sequence's rows are in every row group)."""
     ctx, rps = order.context_size, order.rows_per_sequence
     first, last = consumer_slice(sum(rows) // ctx, order.num_consumers, order.consumer_index)
+    by_shard: dict[int, list[int]] = {}
+    for i, (shard, _) in enumerate(pieces):
+        by_shard.setdefault(shard, []).append(i)
+    units = list(by_shard.values()) if order.position_major else [[i] for i in range(len(pieces))]
     buffers, seq = [], 0
-    for run in group_pieces(np.arange(len(pieces)), rows, order, complete=True):
+    for run in group_pieces(units, kept, order, complete=True):
         sequences = sum(rows[i] for i in run) // ctx
         lo, hi = max(first, seq) - seq, min(last, seq + sequences) - seq
         if lo < hi:
-            buffers.append(Buffer(len(buffers), tuple(pieces[i] for i in run), tuple(rows[i] for i in run),
-                                  sequences * rps, lo * rps, hi * rps))
+            buffers.append(make_buffer(len(buffers), run, pieces, rows, kept, lo * rps, hi * rps))
         seq += sequences
     return buffers
 
@@ -206,9 +227,30 @@ def row_indices(buffer: Buffer, order: Order) -> np.ndarray:
         rows = buffer_permutation(order.seed, order.epoch, buffer.index, buffer.kept_rows)[buffer.lo:buffer.hi]
     else:
         rows = np.arange(buffer.lo, buffer.hi)
-    if order.drop_bos:  # kept row k is row k + k // (ctx - 1) + 1 of the full concatenation
-        rows = rows + rows // order.rows_per_sequence + 1
+    if not order.position_major:  # sequence order: kept row k is row k + k // (ctx - 1) + 1
+        return rows + rows // order.rows_per_sequence + 1 if order.drop_bos else rows
+    if not order.shuffle:  # the buffer's sequences, in order, BOS left out or not
+        if order.drop_bos:
+            rows = rows + rows // order.rows_per_sequence + 1
+        return position_major_index(rows, buffer, order.context_size)
+    if order.drop_bos:  # each piece's kept rows are its last ones (its BOS rows, if any, come first)
+        kept_starts = np.cumsum([0, *buffer.piece_kept])
+        piece = np.searchsorted(kept_starts, rows, side="right") - 1
+        dropped = np.cumsum([0, *(r - k for r, k in zip(buffer.piece_rows, buffer.piece_kept))])
+        rows = rows + dropped[piece + 1]
     return rows
+
+
+def position_major_index(rows: np.ndarray, buffer: Buffer, context_size: int) -> np.ndarray:
+    """Rows of a buffer of whole position-major shards: from their index in sequence order to
+    their index in the pieces' concatenation (row p * N + s of each shard of N sequences)."""
+    shard_ids = np.array([shard for shard, _ in buffer.pieces])
+    firsts = np.flatnonzero(np.diff(shard_ids, prepend=-1))
+    shard_rows = np.add.reduceat(np.array(buffer.piece_rows), firsts)
+    starts = np.cumsum([0, *shard_rows])
+    shard = np.searchsorted(starts, rows, side="right") - 1
+    within = rows - starts[shard]
+    return starts[shard] + within % context_size * (shard_rows[shard] // context_size) + within // context_size
 
 
 def locate(buffers: Sequence[Buffer], start: int) -> tuple[int, int]:

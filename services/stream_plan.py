@@ -11,8 +11,7 @@ from google.protobuf.message import DecodeError
 from actserve.proto.manifest_pb2 import Manifest
 from actserve.proto.stream_pb2 import StreamRequest
 from actserve.services.manifest import SPLITS, split_complete
-from actserve.services.shard_format import (META_COLUMNS, bytes_per_value, rows_per_row_group, shard_row_bytes,
-                                            shard_schema)
+from actserve.services.shard_format import META_COLUMNS, bytes_per_value, shard_group_rows, shard_schema
 from actserve.services.shuffle import Order, consumer_rows, epoch_buffers
 
 MODES = {StreamRequest.SHUFFLED_TOKENS: "SHUFFLED_TOKENS", StreamRequest.SEQUENCES: "SEQUENCES"}
@@ -73,8 +72,7 @@ class StreamMemory:
 
 def group_rows(manifest: Manifest) -> int:
     """Rows per row group of the cache's shards (write_shard's layout)."""
-    config = manifest.config
-    return rows_per_row_group(shard_row_bytes(len(config.hooks), manifest.d_model, config.dtype), config.context_size)
+    return shard_group_rows(manifest.config, manifest.d_model)
 
 
 def cached_row_bytes(manifest: Manifest, hooks: list[str], include_meta: bool) -> int:
@@ -177,7 +175,7 @@ def plan_stream(request: StreamRequest, manifest: Manifest, cache_name: str, lim
         group_rows=group_rows(manifest),
         drop_bos=request.drop_bos and config.prepend_bos, num_consumers=num_consumers,
         consumer_index=request.consumer_index, shuffle=request.mode == StreamRequest.SHUFFLED_TOKENS,
-        follow=request.follow,
+        follow=request.follow, position_major=config.position_major,
     )
     if not order.shuffle and request.batch_size % order.rows_per_sequence:
         raise ValueError(f"SEQUENCES mode sends whole sequences: batch_size must be a multiple of "

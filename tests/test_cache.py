@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from actserve.services.build import BuildOptions, build_cache
-from actserve.services.shard_format import decode_activations, read_shard
+from actserve.services.shard_format import decode_activations, in_sequence_order, read_shard
 from actserve.services.storage import open_url
 from actserve.services.manifest import read_manifest
 from actserve.cli import main as cli_main, os_error_message
@@ -60,8 +60,15 @@ def test_activations_equal_run_with_cache(built, tiny_model, corpus):
     expected_sequences = iter_sequences(
         iter_documents(DatasetSpec(str(corpus)), model.tokenizer), 32, model.tokenizer.bos_token_id)
     fs, root = open_url(str(out))
+    assert manifest.config.position_major
     for shard in list(manifest.eval.shards) + list(manifest.train.shards):
-        table = read_shard(fs, root, shard)
+        stored = read_shard(fs, root, shard)
+        # stored position-major: row p * N + s is position p of the shard's sequence s
+        n = shard.num_sequences
+        np.testing.assert_array_equal(stored.column("position").to_numpy(), np.repeat(np.arange(32), n))
+        np.testing.assert_array_equal(stored.column("sequence").to_numpy(),
+                                      np.tile(np.arange(shard.first_sequence, shard.first_sequence + n), 32))
+        table = in_sequence_order(stored, 32, True)
         tokens = shard_tokens(table)
         # the cached tokens are the tokenized input, in order, BOS first
         np.testing.assert_array_equal(tokens, np.stack([next(expected_sequences) for _ in range(len(tokens))]))

@@ -2,6 +2,7 @@
 resume, a server killed and restarted mid-stream, many concurrent clients."""
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -164,6 +165,23 @@ def test_sequences_of_the_eval_split_in_order(server):
     keys = keys_of(batches)
     assert np.array_equal(keys, np.arange(SPEC.eval_shards * 16 * CTX))
     assert all(len(b["position"]) == 2 * CTX and b["position"][0] == 0 for b in batches)
+
+
+def test_a_cache_in_sequence_order_streams_the_same(tmp_path):
+    """Caches built before position-major shards (rows in sequence order) stream every row once,
+    with its own values, and their sequences in order."""
+    url = str(tmp_path / "tiny")
+    manifest = write_synthetic_cache(url, dataclasses.replace(SPEC, position_major=False))
+    assert not manifest.config.position_major
+    reference = read_split(url, manifest, "train")
+    with running_server([url], buffer_tokens=2 * 128) as old:
+        batches = list(stream(old, batch_size=64))
+        assert sorted(keys_of(batches).tolist()) == TRAIN_KEYS
+        got = torch.cat([b[SPEC.hooks[0]] for b in batches])
+        want = torch.from_numpy(reference[SPEC.hooks[0]][keys_of(batches) - TRAIN_FIRST_ROW]).view(torch.float16)
+        assert torch.equal(got, want.float())
+        in_order = keys_of(list(stream(old, split="eval", mode="sequences", batch_size=2 * CTX, drop_bos=False)))
+        assert np.array_equal(in_order, np.arange(SPEC.eval_shards * 16 * CTX))
 
 
 def test_sixteen_concurrent_clients(server):

@@ -14,8 +14,8 @@ from actserve.services.storage import LOCAL_FS, CacheError
 from actserve.services.stream_plan import group_rows
 from actserve.testing import SyntheticSpec, write_synthetic_cache
 
-# two row groups of several 1 MiB pages per column
-SPEC = SyntheticSpec(d_model=768, context_size=8, sequences_per_shard=1000, train_shards=1, eval_shards=0)
+# row groups (one position of the 2000 sequences each) of several pages per column
+SPEC = SyntheticSpec(d_model=768, context_size=8, sequences_per_shard=2000, train_shards=1, eval_shards=0)
 
 
 @pytest.fixture

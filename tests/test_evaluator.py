@@ -116,7 +116,7 @@ def test_ce_recovered_equals_saelens_run_evals(tiny_cache, tmp_path):
     from sae_lens.training.activation_scaler import ActivationScaler
 
     from actserve.services.model import WeightProcessing, load_model
-    from actserve.services.shard_format import read_shard
+    from actserve.services.shard_format import in_sequence_order, read_shard
     from actserve.services.storage import open_url
 
     url, manifest = tiny_cache
@@ -143,7 +143,8 @@ def test_ce_recovered_equals_saelens_run_evals(tiny_cache, tmp_path):
 
     # The same n sequences, first in the eval split, fed to SAELens as a pretokenized dataset.
     fs, root = open_url(url)
-    tokens = read_shard(fs, root, manifest.eval.shards[0], columns=["token"]).column("token").to_numpy()
+    table = read_shard(fs, root, manifest.eval.shards[0], columns=["token"])
+    tokens = in_sequence_order(table, ctx, manifest.config.position_major).column("token").to_numpy()
     tokens = tokens.reshape(-1, ctx)[:n].astype("int64")
     assert (tokens[:, 0] == manifest.bos_token_id).all()
     lens_sae = LensSAE.load_from_disk(str(tmp_path / "noisy"))

@@ -27,16 +27,21 @@ SHARDS = make_shards([5, 7, 5, 5, 6, 5, 5, 2])  # uneven, a short last shard
 
 
 def epoch_rows(shards: list[Shard], order: Order, complete: bool = True) -> np.ndarray:
-    """Global row ids (index in the split) this consumer reads, in order."""
+    """Global row ids (index in the split, sequence order: sequence * CTX + position) this consumer
+    reads, in order."""
     offsets = np.cumsum([0] + [s.num_rows for s in shards])
     out = []
     for buffer in epoch_buffers(shards, order, complete):
-        # map indices into the buffer's concatenation back to split row ids
+        # map indices into the buffer's concatenation back to the stored rows of their shards
         starts = np.cumsum([0, *buffer.piece_rows])
-        first_rows = np.array([offsets[s] + g * order.group_rows for s, g in buffer.pieces])
         idx = row_indices(buffer, order)
         which = np.searchsorted(starts, idx, side="right") - 1
-        out.append(first_rows[which] + idx - starts[which])
+        shard = np.array([s for s, _ in buffer.pieces])[which]
+        stored = np.array([g * order.group_rows for _, g in buffer.pieces])[which] + idx - starts[which]
+        if order.position_major:  # stored row p * N + s is sequence s, position p
+            n = np.array([shards[t].num_sequences for t in range(len(shards))])[shard]
+            stored = stored % n * CTX + stored // n
+        out.append(offsets[shard] + stored)
     return np.concatenate(out) if out else np.empty(0, dtype=np.int64)
 
 
@@ -44,13 +49,18 @@ def order(**kw) -> Order:
     return Order(**{"seed": 0, "epoch": 0, "buffer_tokens": 6 * CTX, "context_size": CTX, "group_rows": GROUP, **kw})
 
 
+layouts = pytest.mark.parametrize("position_major", [True, False], ids=["position-major", "sequence-order"])
+
+
 @pytest.mark.parametrize("num_consumers", [1, 3])
 @pytest.mark.parametrize("drop_bos", [False, True])
 @pytest.mark.parametrize("shuffle", [True, False])
-def test_consumers_partition_the_epoch(num_consumers, drop_bos, shuffle):
+@layouts
+def test_consumers_partition_the_epoch(num_consumers, drop_bos, shuffle, position_major):
     total = sum(s.num_rows for s in SHARDS)
     wanted = [r for r in range(total) if not (drop_bos and r % CTX == 0)]
-    parts = [epoch_rows(SHARDS, order(num_consumers=num_consumers, consumer_index=c, drop_bos=drop_bos, shuffle=shuffle))
+    parts = [epoch_rows(SHARDS, order(num_consumers=num_consumers, consumer_index=c, drop_bos=drop_bos, shuffle=shuffle,
+                                      position_major=position_major))
              for c in range(num_consumers)]
     union = np.concatenate(parts)
     assert sorted(union.tolist()) == wanted  # every row once, across consumers: disjoint and complete
@@ -73,8 +83,9 @@ def test_order_depends_on_seed_and_epoch_only():
     assert not np.array_equal(a, epoch_rows(SHARDS, order(seed=1, epoch=1)))
 
 
-def test_cursor_resumes_within_one_buffer():
-    o = order(num_consumers=3, consumer_index=1, drop_bos=True)
+@layouts
+def test_cursor_resumes_within_one_buffer(position_major):
+    o = order(num_consumers=3, consumer_index=1, drop_bos=True, position_major=position_major)
     blocks = epoch_buffers(SHARDS, o)
     full = epoch_rows(SHARDS, o)
     for start in (0, 1, 17, blocks[0].num_rows, len(full) - 1, len(full)):
@@ -93,36 +104,55 @@ def test_follow_buffers_are_a_stable_prefix():
         growing = epoch_buffers(SHARDS[:committed], o, complete=False)
         assert growing == final[:len(growing)]
         assert all(b.kept_rows >= o.buffer_tokens for b in growing)  # a partial buffer waits
-    assert [p for b in final for p in b.pieces] == split_pieces(SHARDS, GROUP)[0]  # commit order
+    assert [p for b in final for p in b.pieces] == split_pieces(SHARDS, order())[0]  # commit order
 
 
 def test_buffers_are_pieces_of_row_groups():
     o = order()
     buffers = epoch_buffers(SHARDS, o)
-    assert sorted(p for b in buffers for p in b.pieces) == split_pieces(SHARDS, GROUP)[0]  # every piece once
+    assert sorted(p for b in buffers for p in b.pieces) == split_pieces(SHARDS, order())[0]  # every piece once
     assert all(b.kept_rows >= o.buffer_tokens for b in buffers[:-1])
     assert all(b.kept_rows - b.piece_rows[-1] < o.buffer_tokens for b in buffers)  # no piece more than needed
     assert len({s for b in buffers[:2] for s, _ in b.pieces}) > 2  # a buffer draws row groups of many shards
 
 
-def test_batch_mix_matches_a_global_shuffle():
+def batch_mix(shards: list[Shard], o: Order, batch: int) -> float:
+    """Mean distinct sequences per batch of the consumer's epoch."""
+    sequence = epoch_rows(shards, o) // CTX
+    return np.mean([len(np.unique(sequence[k:k + batch])) for k in range(0, len(sequence) - batch + 1, batch)])
+
+
+@layouts
+def test_batch_mix_matches_a_global_shuffle(position_major):
     """Distinct sequences per batch, against the computed expectation of a uniform global shuffle:
     the ratio the buffer guarantees (>= 0.9 for buffer_tokens >= 5 * batch * rows per sequence)."""
     shards = make_shards([3] * 400)  # 1200 sequences of many small shards
     batch = 48
-    o = order(buffer_tokens=5 * batch * CTX, drop_bos=True)
-    rows = epoch_rows(shards, o)
-    sequence = rows // CTX
-    counts = [len(np.unique(sequence[k:k + batch])) for k in range(0, len(rows) - batch + 1, batch)]
-    ours, uniform = np.mean(counts), expected_distinct(len(shards) * 3, batch)
+    o = order(buffer_tokens=5 * batch * CTX, drop_bos=True, position_major=position_major)
+    ours, uniform = batch_mix(shards, o, batch), expected_distinct(len(shards) * 3, batch)
     assert abs(ours / uniform - 1) <= 0.1, (ours, uniform)
     # and the stated bound: a buffer of S sequences gives S (1 - (1 - 1/S)^b), >= 0.9 of global at S = 5b
     assert expected_distinct(5 * batch, batch) / uniform >= 0.9
 
 
-def test_sequence_mode_reads_whole_sequences_in_order():
+def test_position_major_shards_mix_more_sequences_per_buffer_token():
+    """Shards of many sequences in row groups of a few sequences' rows (GPT-2's layout: 56
+    sequences, 8 row groups): in sequence order a buffer of 2 x batch x CTX rows holds 2 x batch
+    sequences (0.79 of a global shuffle's mix); position-major, each row group holds 2 rows of each
+    of its shard's 16 sequences, so the same buffer holds up to 8 x batch sequences."""
+    shards = make_shards([16] * 60)
+    batch = 24
+    uniform = expected_distinct(16 * 60, batch)
+    mixes = {major: batch_mix(shards, order(buffer_tokens=2 * batch * CTX, position_major=major), batch) / uniform
+             for major in (True, False)}
+    assert mixes[True] >= 0.9 and mixes[False] < 0.9, mixes
+
+
+@layouts
+def test_sequence_mode_reads_whole_sequences_in_order(position_major):
     for drop_bos in (False, True):
-        parts = [epoch_rows(SHARDS, order(shuffle=False, num_consumers=3, consumer_index=c, drop_bos=drop_bos))
+        parts = [epoch_rows(SHARDS, order(shuffle=False, num_consumers=3, consumer_index=c, drop_bos=drop_bos,
+                                          position_major=position_major))
                  for c in range(3)]
         rows = np.concatenate(parts)
         assert np.array_equal(rows, np.sort(rows))
