@@ -466,3 +466,17 @@ def test_a_batch_mixes_as_many_sequences_as_a_global_shuffle(tmp_path):
     counts = [len(np.unique(sequences[k:k + batch])) for k in range(0, len(sequences) - batch + 1, batch)]
     uniform = expected_distinct(spec.train_shards * spec.sequences_per_shard, batch)
     assert abs(np.mean(counts) / uniform - 1) <= 0.1, (np.mean(counts), uniform)
+
+
+def test_a_built_cache_mixes_as_many_sequences_as_a_global_shuffle(tiny_cache, tiny_server):
+    """The same through a cache the real builder wrote (the tiny model, 2 MB position-major shards)."""
+    _, manifest = tiny_cache
+    assert manifest.config.position_major
+    batch, ctx = 64, manifest.config.context_size
+    table = read_table(tiny_server, StreamRequest(cache="tiny", batch_size=batch, include_meta=True, drop_bos=True,
+                                                  hooks=[manifest.config.hooks[0]],
+                                                  buffer_tokens=10 * batch * (ctx - 1)).SerializeToString())
+    sequences = table.column("sequence").to_numpy()
+    counts = [len(np.unique(sequences[k:k + batch])) for k in range(0, len(sequences) - batch + 1, batch)]
+    uniform = expected_distinct(manifest.train.num_tokens // ctx, batch)
+    assert abs(np.mean(counts) / uniform - 1) <= 0.1, (np.mean(counts), uniform)
