@@ -103,7 +103,8 @@ def summary(manifest: Manifest, url: str) -> str:
         f"model        {c.model}  (d_model {manifest.d_model}, n_ctx {manifest.n_ctx}, vocab {manifest.d_vocab})",
         f"dataset      {c.dataset}  [{c.dataset_split}]",
         f"hooks        {len(c.hooks)}: {', '.join(c.hooks)}",
-        f"dtype        {c.dtype}   context {c.context_size}   prepend_bos {c.prepend_bos}",
+        f"dtype        {c.dtype}   context {c.context_size}   prepend_bos {c.prepend_bos}   "
+        f"rows {'position-major' if c.position_major else 'in sequence order'}",
         "processing   " + ", ".join(
             f"{k}={v}" for k, v in json_format.MessageToDict(
                 c.processing, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
