@@ -49,7 +49,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from actserve.proto.manifest_pb2 import Shard
-from actserve.services.shard_format import shard_groups
 from actserve.services.storage import CacheError
 
 
@@ -124,17 +123,6 @@ def consumer_slice(num_rows: int, num_consumers: int, consumer_index: int) -> tu
     return num_rows * consumer_index // num_consumers, num_rows * (consumer_index + 1) // num_consumers
 
 
-def piece_kept_rows(shard: Shard, group: int, num_rows: int, order: Order) -> int:
-    """Rows of row group `group` (num_rows rows) of the shard that drop_bos keeps: BOS rows are
-    every context_size-th row in sequence order, the shard's first num_sequences rows (so the
-    first rows of its first row groups) when position-major."""
-    if not order.drop_bos:
-        return num_rows
-    if order.position_major:
-        return num_rows - min(max(shard.num_sequences - group * order.group_rows, 0), num_rows)
-    return num_rows // order.context_size * order.rows_per_sequence
-
-
 def expected_distinct(sequences: int, batch: int) -> float:
     """E[distinct sequences] in a batch of `batch` rows drawn uniformly from `sequences` sequences
     of equal length: S * (1 - (1 - 1/S)^b)."""
@@ -152,36 +140,54 @@ def check_shards(shards: Sequence[Shard], context_size: int) -> None:
             )
 
 
-def split_pieces(shards: Sequence[Shard], order: Order) -> tuple[list[Piece], list[int], list[int]]:
-    """Every piece of the split in shard order, the rows of each, and its rows drop_bos keeps."""
-    pieces, rows, kept = [], [], []
-    for i, shard in enumerate(shards):
-        for g, n in enumerate(shard_groups(shard.num_rows, order.group_rows)):
-            pieces.append((i, g))
-            rows.append(n)
-            kept.append(piece_kept_rows(shard, g, n, order))
-    return pieces, rows, kept
+@dataclass(frozen=True)
+class Pieces:
+    """Every piece of the split, in shard order, as arrays (a GPT-2-small split has millions)."""
+    shard: np.ndarray  # index into the split's shard list
+    group: np.ndarray  # row group of that shard
+    rows: np.ndarray   # rows (BOS included)
+    kept: np.ndarray   # rows drop_bos keeps: BOS rows are every context_size-th row in sequence
+                       # order, a position-major shard's first num_sequences rows
 
 
-def group_pieces(units: Sequence[Sequence[int]], kept: list[int], order: Order, complete: bool) -> list[list[int]]:
-    """Runs of consecutive units (lists of piece ids, in order) of at least buffer_tokens kept
-    rows; the last run is kept short only when the epoch is complete."""
-    runs, run, held = [], [], 0
-    for unit in units:
-        run.extend(int(i) for i in unit)
-        held += sum(kept[i] for i in unit)
-        if held >= order.buffer_tokens:
-            runs.append(run)
-            run, held = [], 0
-    if run and complete:
-        runs.append(run)
-    return runs
+def split_pieces(shards: Sequence[Shard], order: Order) -> Pieces:
+    num_rows = np.array([s.num_rows for s in shards], dtype=np.int64)
+    num_sequences = np.array([s.num_sequences for s in shards], dtype=np.int64)
+    counts = -(-num_rows // order.group_rows)  # row groups of each shard, as shard_format.shard_groups lays them out
+    shard = np.repeat(np.arange(len(shards)), counts)
+    group = np.arange(len(shard)) - np.repeat(np.cumsum(counts) - counts, counts)
+    first = group * order.group_rows
+    rows = np.minimum(order.group_rows, num_rows[shard] - first)
+    if not order.drop_bos:
+        kept = rows
+    elif order.position_major:
+        kept = rows - np.clip(num_sequences[shard] - first, 0, rows)
+    else:
+        kept = rows // order.context_size * order.rows_per_sequence
+    return Pieces(shard, group, rows, kept)
 
 
-def make_buffer(index: int, run: list[int], pieces: list[Piece], rows: list[int], kept: list[int],
-                lo: int, hi: int) -> Buffer:
-    return Buffer(index, tuple(pieces[i] for i in run), tuple(rows[i] for i in run), tuple(kept[i] for i in run),
-                  sum(kept[i] for i in run), lo, hi)
+def run_bounds(kept: np.ndarray, buffer_tokens: int, complete: bool) -> list[tuple[int, int]]:
+    """[start, stop) of consecutive runs of units holding `kept` rows each (in order), each run
+    the fewest units holding at least buffer_tokens; the last run is kept short only when the
+    epoch is complete."""
+    held = np.concatenate([[0], np.cumsum(kept)])
+    bounds, start = [], 0
+    while start < len(kept):
+        stop = int(np.searchsorted(held, held[start] + buffer_tokens, side="left"))
+        if stop > len(kept):
+            if complete:
+                bounds.append((start, len(kept)))
+            break
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def make_buffer(index: int, run: np.ndarray, pieces: Pieces, lo: int, hi: int) -> Buffer:
+    kept = pieces.kept[run]
+    return Buffer(index, tuple(zip(pieces.shard[run].tolist(), pieces.group[run].tolist())),
+                  tuple(pieces.rows[run].tolist()), tuple(kept.tolist()), int(kept.sum()), lo, hi)
 
 
 def epoch_buffers(shards: Sequence[Shard], order: Order, complete: bool = True) -> list[Buffer]:
@@ -190,32 +196,36 @@ def epoch_buffers(shards: Sequence[Shard], order: Order, complete: bool = True) 
     complete=False (follow mode on a cache still being built) leaves out a trailing run of pieces
     holding fewer than buffer_tokens rows: more pieces will join it."""
     check_shards(shards, order.context_size)
-    pieces, rows, kept = split_pieces(shards, order)
+    pieces = split_pieces(shards, order)
     if not order.shuffle:
-        return sequence_buffers(pieces, rows, kept, order)
-    ids = np.arange(len(pieces)) if order.follow else piece_order(order.seed, order.epoch, len(pieces))
+        return sequence_buffers(pieces, order)
+    ids = np.arange(len(pieces.shard)) if order.follow else piece_order(order.seed, order.epoch, len(pieces.shard))
     buffers = []
-    for index, run in enumerate(group_pieces([[i] for i in ids], kept, order, complete)):
-        lo, hi = consumer_slice(sum(kept[i] for i in run), order.num_consumers, order.consumer_index)
-        buffers.append(make_buffer(index, run, pieces, rows, kept, lo, hi))
+    for index, (a, b) in enumerate(run_bounds(pieces.kept[ids], order.buffer_tokens, complete)):
+        run = ids[a:b]
+        lo, hi = consumer_slice(int(pieces.kept[run].sum()), order.num_consumers, order.consumer_index)
+        buffers.append(make_buffer(index, run, pieces, lo, hi))
     return buffers
 
 
-def sequence_buffers(pieces: list[Piece], rows: list[int], kept: list[int], order: Order) -> list[Buffer]:
+def sequence_buffers(pieces: Pieces, order: Order) -> list[Buffer]:
     """Whole-sequence mode: the consumer's range of sequences, cut at buffer boundaries: between
     pieces, or between shards when position-major (a sequence's rows are in every row group)."""
     ctx, rps = order.context_size, order.rows_per_sequence
-    first, last = consumer_slice(sum(rows) // ctx, order.num_consumers, order.consumer_index)
-    by_shard: dict[int, list[int]] = {}
-    for i, (shard, _) in enumerate(pieces):
-        by_shard.setdefault(shard, []).append(i)
-    units = list(by_shard.values()) if order.position_major else [[i] for i in range(len(pieces))]
+    first, last = consumer_slice(int(pieces.rows.sum()) // ctx, order.num_consumers, order.consumer_index)
+    if order.position_major:  # units of whole shards: unit u is pieces starts[u]..starts[u + 1]
+        starts = np.flatnonzero(np.diff(pieces.shard, prepend=-1))
+        unit_kept = np.add.reduceat(pieces.kept, starts) if len(starts) else pieces.kept
+        starts = np.append(starts, len(pieces.shard))
+    else:
+        unit_kept, starts = pieces.kept, np.arange(len(pieces.shard) + 1)
     buffers, seq = [], 0
-    for run in group_pieces(units, kept, order, complete=True):
-        sequences = sum(rows[i] for i in run) // ctx
+    for a, b in run_bounds(unit_kept, order.buffer_tokens, complete=True):
+        run = np.arange(starts[a], starts[b])
+        sequences = int(pieces.rows[run].sum()) // ctx
         lo, hi = max(first, seq) - seq, min(last, seq + sequences) - seq
         if lo < hi:
-            buffers.append(make_buffer(len(buffers), run, pieces, rows, kept, lo * rps, hi * rps))
+            buffers.append(make_buffer(len(buffers), run, pieces, lo * rps, hi * rps))
         seq += sequences
     return buffers
 

@@ -45,6 +45,12 @@ def epoch_rows(shards: list[Shard], order: Order, complete: bool = True) -> np.n
     return np.concatenate(out) if out else np.empty(0, dtype=np.int64)
 
 
+def piece_ids(shards: list[Shard]) -> list[tuple[int, int]]:
+    """(shard, row group) of every piece of the split, in shard order."""
+    pieces = split_pieces(shards, order())
+    return list(zip(pieces.shard.tolist(), pieces.group.tolist()))
+
+
 def order(**kw) -> Order:
     return Order(**{"seed": 0, "epoch": 0, "buffer_tokens": 6 * CTX, "context_size": CTX, "group_rows": GROUP, **kw})
 
@@ -104,13 +110,13 @@ def test_follow_buffers_are_a_stable_prefix():
         growing = epoch_buffers(SHARDS[:committed], o, complete=False)
         assert growing == final[:len(growing)]
         assert all(b.kept_rows >= o.buffer_tokens for b in growing)  # a partial buffer waits
-    assert [p for b in final for p in b.pieces] == split_pieces(SHARDS, order())[0]  # commit order
+    assert [p for b in final for p in b.pieces] == piece_ids(SHARDS)  # commit order
 
 
 def test_buffers_are_pieces_of_row_groups():
     o = order()
     buffers = epoch_buffers(SHARDS, o)
-    assert sorted(p for b in buffers for p in b.pieces) == split_pieces(SHARDS, order())[0]  # every piece once
+    assert sorted(p for b in buffers for p in b.pieces) == piece_ids(SHARDS)  # every piece once
     assert all(b.kept_rows >= o.buffer_tokens for b in buffers[:-1])
     assert all(b.kept_rows - b.piece_rows[-1] < o.buffer_tokens for b in buffers)  # no piece more than needed
     assert len({s for b in buffers[:2] for s, _ in b.pieces}) > 2  # a buffer draws row groups of many shards
