@@ -190,25 +190,25 @@ def make_buffer(index: int, run: np.ndarray, pieces: Pieces, lo: int, hi: int) -
                   tuple(pieces.rows[run].tolist()), tuple(kept.tolist()), int(kept.sum()), lo, hi)
 
 
-def epoch_buffers(shards: Sequence[Shard], order: Order, complete: bool = True) -> list[Buffer]:
-    """The consumer's buffers of the epoch, in reading order, that the committed `shards` allow.
+Slice = tuple[np.ndarray, int, int]  # a buffer's piece ids (into Pieces, in order) and this consumer's lo, hi
 
-    complete=False (follow mode on a cache still being built) leaves out a trailing run of pieces
-    holding fewer than buffer_tokens rows: more pieces will join it."""
+
+def epoch_slices(shards: Sequence[Shard], order: Order, complete: bool) -> tuple[Pieces, list[Slice]]:
+    """The pieces of the split and, for each buffer of the epoch in reading order, its pieces and
+    this consumer's slice of it (epoch_buffers without building the Buffers)."""
     check_shards(shards, order.context_size)
     pieces = split_pieces(shards, order)
     if not order.shuffle:
-        return sequence_buffers(pieces, order)
+        return pieces, sequence_slices(pieces, order)
     ids = np.arange(len(pieces.shard)) if order.follow else piece_order(order.seed, order.epoch, len(pieces.shard))
-    buffers = []
-    for index, (a, b) in enumerate(run_bounds(pieces.kept[ids], order.buffer_tokens, complete)):
+    slices = []
+    for a, b in run_bounds(pieces.kept[ids], order.buffer_tokens, complete):
         run = ids[a:b]
-        lo, hi = consumer_slice(int(pieces.kept[run].sum()), order.num_consumers, order.consumer_index)
-        buffers.append(make_buffer(index, run, pieces, lo, hi))
-    return buffers
+        slices.append((run, *consumer_slice(int(pieces.kept[run].sum()), order.num_consumers, order.consumer_index)))
+    return pieces, slices
 
 
-def sequence_buffers(pieces: Pieces, order: Order) -> list[Buffer]:
+def sequence_slices(pieces: Pieces, order: Order) -> list[Slice]:
     """Whole-sequence mode: the consumer's range of sequences, cut at buffer boundaries: between
     pieces, or between shards when position-major (a sequence's rows are in every row group)."""
     ctx, rps = order.context_size, order.rows_per_sequence
@@ -219,15 +219,29 @@ def sequence_buffers(pieces: Pieces, order: Order) -> list[Buffer]:
         starts = np.append(starts, len(pieces.shard))
     else:
         unit_kept, starts = pieces.kept, np.arange(len(pieces.shard) + 1)
-    buffers, seq = [], 0
+    slices, seq = [], 0
     for a, b in run_bounds(unit_kept, order.buffer_tokens, complete=True):
         run = np.arange(starts[a], starts[b])
         sequences = int(pieces.rows[run].sum()) // ctx
         lo, hi = max(first, seq) - seq, min(last, seq + sequences) - seq
         if lo < hi:
-            buffers.append(make_buffer(len(buffers), run, pieces, lo * rps, hi * rps))
+            slices.append((run, lo * rps, hi * rps))
         seq += sequences
-    return buffers
+    return slices
+
+
+def epoch_buffers(shards: Sequence[Shard], order: Order, complete: bool = True) -> list[Buffer]:
+    """The consumer's buffers of the epoch, in reading order, that the committed `shards` allow.
+
+    complete=False (follow mode on a cache still being built) leaves out a trailing run of pieces
+    holding fewer than buffer_tokens rows: more pieces will join it."""
+    pieces, slices = epoch_slices(shards, order, complete)
+    return [make_buffer(index, run, pieces, lo, hi) for index, (run, lo, hi) in enumerate(slices)]
+
+
+def consumer_rows(shards: Sequence[Shard], order: Order) -> int:
+    """Rows of this consumer's epoch of a complete split."""
+    return sum(hi - lo for _, lo, hi in epoch_slices(shards, order, complete=True)[1])
 
 
 def row_indices(buffer: Buffer, order: Order) -> np.ndarray:
@@ -274,6 +288,3 @@ def locate(buffers: Sequence[Buffer], start: int) -> tuple[int, int]:
         start -= buffer.num_rows
     return len(buffers), start
 
-
-def consumer_rows(buffers: Sequence[Buffer]) -> int:
-    return sum(b.num_rows for b in buffers)

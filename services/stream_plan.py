@@ -12,7 +12,7 @@ from actserve.proto.manifest_pb2 import Manifest
 from actserve.proto.stream_pb2 import StreamRequest
 from actserve.services.manifest import SPLITS, split_complete
 from actserve.services.shard_format import META_COLUMNS, bytes_per_value, shard_group_rows, shard_schema
-from actserve.services.shuffle import Order, consumer_rows, epoch_buffers
+from actserve.services.shuffle import Order, consumer_rows
 
 MODES = {StreamRequest.SHUFFLED_TOKENS: "SHUFFLED_TOKENS", StreamRequest.SEQUENCES: "SEQUENCES"}
 
@@ -188,7 +188,7 @@ def plan_stream(request: StreamRequest, manifest: Manifest, cache_name: str, lim
     if split_done:
         if not split.shards:
             raise ValueError(f"the {split_name} split of cache {cache_name} is empty")
-        rows = consumer_rows(epoch_buffers(split.shards, order))
+        rows = consumer_rows(split.shards, order)
         if request.start > rows:
             raise ValueError(f"start {request.start} is past the end of this consumer's part of the epoch ({rows} tokens)")
 
