@@ -11,7 +11,7 @@ import pytest
 
 from actserve.cli import main as cli_main
 from actserve.clients.evaluator import EvalOptions, cached_sequences
-from actserve.proto.stream_pb2 import StreamRequest
+from actserve.proto.stream_pb2 import HealthResult, StreamRequest
 from actserve.services.manifest import manifest_to_json, read_manifest, write_manifest
 from actserve.services.shard_cache import ShardCache
 from actserve.services.storage import CacheError, open_url
@@ -50,6 +50,25 @@ def test_flipped_byte_in_train_shard_fails_the_stream(cache):
         ticket = StreamRequest(cache="tiny", batch_size=64).SerializeToString()
         with pytest.raises(flight.FlightServerError, match=bad.path):
             read_table(f"grpc://127.0.0.1:{server.port}", ticket)
+
+
+def test_a_manifest_that_misstates_the_row_layout_fails_the_stream_naming_the_shard(tmp_path):
+    """Shards written in sequence order (one 1,600-row row group) under a manifest edited to say
+    position-major (600-row row groups): the stream fails with one error naming the shard and the
+    two layouts, and the server goes on serving."""
+    url = str(tmp_path / "tiny")
+    spec = SyntheticSpec(d_model=768, sequences_per_shard=200, train_shards=1, eval_shards=0, position_major=False)
+    manifest = write_synthetic_cache(url, spec)
+    manifest.config.position_major = True
+    write_manifest(*open_url(url), manifest)
+    with running_server([url]) as server:
+        location = f"grpc://127.0.0.1:{server.port}"
+        with pytest.raises(flight.FlightServerError,
+                           match=f"shard {manifest.train.shards[0].path} has row groups of \\[1600\\] rows, "
+                                 "the cache's layout is \\[600, 600, 400\\]"):
+            read_table(location, StreamRequest(cache="tiny", batch_size=64).SerializeToString())
+        health = next(flight.connect(location).do_action(flight.Action("health", b""))).body.to_pybytes()
+        assert HealthResult.FromString(health).status == "ok"
 
 
 def test_flipped_byte_in_eval_shard_fails_eval(cache, tmp_path):
