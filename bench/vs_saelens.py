@@ -250,7 +250,7 @@ def main() -> None:
                         ours["how"] = f"target_l0 {matched} for SAELens's L0 (controller ended at {ours['coefficient']:.3g})"
                         rows.append((arch, matched, "ours", ours))
                         print(f"  ours {arch} target {matched}: L0 {ours['l0']:.2f} EV {ours['explained_variance']:.4f}", flush=True)
-                        aim = aim * aim / ours["l0"]
+                        aim = aim * theirs["l0"] / ours["l0"]
 
     scored = score_on_model(rows, scale, args.cache)
     print()
