@@ -19,9 +19,9 @@ our controller ended at, then secant steps in log-log space (L0 ~ c^-a), --searc
 the full token budget, and the run whose held-out L0 is closest to the target is reported.
 Ours then also trains at the L0 SAELens reached (--match-l0, the default) unless a run of ours is
 already within 1% of it, so that the equal-L0 table compares the two at nearly the same L0 instead
-of reading our curve between targets a factor of 2 apart; if that run misses and SAELens's L0 is
-outside our runs' range or more than 10% from the nearest, one more run aims past it by the miss
-(our controller ends a few percent from its target), so that SAELens's L0 lies between two of ours.
+of reading our curve between targets a factor of 2 apart. Our controller ends a few percent off its
+target, so that run aims past SAELens's L0 by our nearest run's miss; while SAELens's L0 is still
+outside our runs' range or 10% from the nearest, one more run follows.
 
 The table's figures come from `actserve eval`'s own code (clients/evaluator.py) on the whole eval
 split, BOS excluded: every SAE (SAELens's loaded into our classes, which give equal activations) has
@@ -235,22 +235,23 @@ def main() -> None:
                     # Our curve is read at SAELens's L0 by interpolation; between targets a factor
                     # of 2 apart that underestimates a concave curve (EV against log L0), so ours
                     # also trains at SAELens's own L0 unless a run of ours is within 1% of it. The
-                    # controller lands a few percent off its target: while SAELens's L0 is outside
-                    # our runs' range (read at our nearest run) or 10% from the nearest, a second
-                    # run aims past it by the first one's miss.
-                    aim = theirs["l0"]
+                    # controller lands a few percent off its target, so a run aims past SAELens's
+                    # L0 by the miss of our nearest run; while SAELens's L0 is outside our runs'
+                    # range (read at our nearest run) or 10% from the nearest, a second one follows.
                     for _ in range(2):
-                        l0s = [r["l0"] for a, _, lib, r in rows if a == arch and lib == "ours"]
+                        runs = [(t, r["l0"]) for a, t, lib, r in rows if a == arch and lib == "ours"]
+                        l0s = [l0 for _, l0 in runs]
                         bracketed = min(l0s) <= theirs["l0"] <= max(l0s)
                         miss = min(abs(math.log(l0 / theirs["l0"])) for l0 in l0s)
                         if miss <= math.log(1.01) or (bracketed and miss <= math.log(1.10)):
                             break
-                        matched = round(aim, 1)
+                        # aim as far off SAELens's L0 as our nearest run landed off its own target
+                        aimed, landed = min(runs, key=lambda run: abs(math.log(run[1] / theirs["l0"])))
+                        matched = round(aimed * theirs["l0"] / landed, 1)
                         ours = train_ours(arch, matched, train, eval_x, args)
                         ours["how"] = f"target_l0 {matched} for SAELens's L0 (controller ended at {ours['coefficient']:.3g})"
                         rows.append((arch, matched, "ours", ours))
                         print(f"  ours {arch} target {matched}: L0 {ours['l0']:.2f} EV {ours['explained_variance']:.4f}", flush=True)
-                        aim = aim * theirs["l0"] / ours["l0"]
 
     scored = score_on_model(rows, scale, args.cache)
     print()
