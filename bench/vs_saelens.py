@@ -20,8 +20,8 @@ the full token budget, and the run whose held-out L0 is closest to the target is
 Ours then also trains at the L0 SAELens reached (--match-l0, the default) unless a run of ours is
 already within 1% of it, so that the equal-L0 table compares the two at nearly the same L0 instead
 of reading our curve between targets a factor of 2 apart. Our controller ends a few percent off its
-target, so that run aims past SAELens's L0 by our nearest run's miss; while SAELens's L0 is still
-outside our runs' range or 10% from the nearest, one more run follows.
+target, so that run aims past SAELens's L0 by our nearest run's miss; until SAELens's L0 lies
+between two of our runs within 10% of it (or one within 1%), one more run follows.
 
 The table's figures come from `actserve eval`'s own code (clients/evaluator.py) on the whole eval
 split, BOS excluded: every SAE (SAELens's loaded into our classes, which give equal activations) has
@@ -236,14 +236,14 @@ def main() -> None:
                     # of 2 apart that underestimates a concave curve (EV against log L0), so ours
                     # also trains at SAELens's own L0 unless a run of ours is within 1% of it. The
                     # controller lands a few percent off its target, so a run aims past SAELens's
-                    # L0 by the miss of our nearest run; while SAELens's L0 is outside our runs'
-                    # range (read at our nearest run) or 10% from the nearest, a second one follows.
+                    # L0 by the miss of our nearest run; until SAELens's L0 lies between two of our
+                    # runs within 10% of it (or one within 1%), a second one follows.
                     for _ in range(2):
                         runs = [(t, r["l0"]) for a, t, lib, r in rows if a == arch and lib == "ours"]
                         l0s = [l0 for _, l0 in runs]
-                        bracketed = min(l0s) <= theirs["l0"] <= max(l0s)
-                        miss = min(abs(math.log(l0 / theirs["l0"])) for l0 in l0s)
-                        if miss <= math.log(1.01) or (bracketed and miss <= math.log(1.10)):
+                        misses = [abs(math.log(l0 / theirs["l0"])) for l0 in l0s]
+                        near = [l0 for l0, m in zip(l0s, misses) if m <= math.log(1.10)]
+                        if min(misses) <= math.log(1.01) or (near and min(near) <= theirs["l0"] <= max(near)):
                             break
                         # aim as far off SAELens's L0 as our nearest run landed off its own target
                         aimed, landed = min(runs, key=lambda run: abs(math.log(run[1] / theirs["l0"])))
