@@ -232,17 +232,12 @@ def main() -> None:
                 rows.append((arch, target, "saelens", theirs))
                 print(f"  saelens {arch} target {target}: L0 {theirs['l0']:.2f} EV {theirs['explained_variance']:.4f}", flush=True)
                 if "ours" in args.libraries and arch not in ("topk", "batchtopk") and args.match_l0:
-                    # Our curve is read at SAELens's L0 by interpolation; between targets a factor
-                    # of 2 apart that underestimates a concave curve (EV against log L0), so ours
-                    # also trains at SAELens's own L0 unless a run of ours is within 1% of it. The
-                    # controller lands a few percent off its target, so a run aims past SAELens's
-                    # L0 by the miss of our nearest run; until SAELens's L0 lies between two of our
-                    # runs within 10% of it (or one within 1%), a second one follows.
+                    # Our curve is read at SAELens's L0 by interpolation, which underestimates a
+                    # concave curve between targets a factor of 2 apart: match runs (docstring).
                     for _ in range(2):
                         runs = [(t, r["l0"]) for a, t, lib, r in rows if a == arch and lib == "ours"]
-                        l0s = [l0 for _, l0 in runs]
-                        misses = [abs(math.log(l0 / theirs["l0"])) for l0 in l0s]
-                        near = [l0 for l0, m in zip(l0s, misses) if m <= math.log(1.10)]
+                        misses = [abs(math.log(l0 / theirs["l0"])) for _, l0 in runs]
+                        near = [l0 for (_, l0), m in zip(runs, misses) if m <= math.log(1.10)]
                         if min(misses) <= math.log(1.01) or (near and min(near) <= theirs["l0"] <= max(near)):
                             break
                         # aim as far off SAELens's L0 as our nearest run landed off its own target
