@@ -84,7 +84,8 @@ def train_ours(arch, target, train, eval_x, args):
     n_steps = math.ceil(args.tokens / args.batch_size)
     cfg = SAEConfig(arch, d_in=d_in, d_sae=args.d_sae, hook_name=args.hook, target_l0=target)
     sae = build_sae(cfg, seed=args.seed)
-    trainer = Trainer(sae, TrainConfig(total_steps=n_steps, batch_size=args.batch_size))
+    trainer = Trainer(sae, TrainConfig(total_steps=n_steps, batch_size=args.batch_size,
+                                       threshold_lr_scale=args.threshold_lr_scale))
     t0 = time.perf_counter()
     stats = {}
     for i, x in enumerate(batches(train, args.tokens, args.batch_size)):
@@ -186,6 +187,8 @@ def main() -> None:
     parser.add_argument("--targets", default="10,20,40", help="L0 targets; 'none': ours with default coefficients")
     parser.add_argument("--archs", default="standard,gated,topk,batchtopk,jumprelu")
     parser.add_argument("--libraries", default="ours,saelens")
+    parser.add_argument("--threshold-lr-scale", type=float, default=TrainConfig.threshold_lr_scale,
+                        help="ours: JumpReLU's threshold learning rate over lr (TrainConfig.threshold_lr_scale)")
     parser.add_argument("--search-runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0,

@@ -86,12 +86,13 @@ class TrainConfig:
     target_l0_start_fraction: float = 0.25
     # JumpReLU's learned threshold trains at lr times this. Adam moves a parameter by ~lr per step
     # at most, and the L0 penalty reaches a threshold only through the pre-activations within
-    # bandwidth / 2 of it, so at lr itself the thresholds lag the sparsity coefficient by hundreds
-    # of steps: L0 overshoots whatever the controller does. Own sweep (tiny model, blocks.2, d_sae
-    # 1024, batch 1024, 1M tokens, targets 10 / 12, seeds 0 / 1): x3 gives +0.0012 to +0.0026
-    # explained variance at equal L0 over x1 and the controller ends within 1.2% of its target
-    # (x1: 3-8% under); x10 +0.0004 to +0.0019; x0.5 ends 29% under, -0.008 to -0.019.
-    threshold_lr_scale: float = 3.0
+    # bandwidth / 2 of it, so the thresholds lag the sparsity coefficient by hundreds of steps and
+    # the controller's L0 undershoots. Own sweep (tiny model, blocks.2, batch 1024, 1M tokens): x3
+    # at d_sae 1024 (targets 10 / 12, seeds 0-3) gives +0.0011 to +0.0026 explained variance at
+    # equal L0 and ends within 1.2% of the target (x1: 3-8% under), but at d_sae 2048 (target 16,
+    # seeds 0 / 1) -0.0009 / -0.0021 with 2-3x the dead features (96-110 vs 35-59; a threshold
+    # above all of its feature's pre-activations gets no gradient again). Hence 1, as SAELens.
+    threshold_lr_scale: float = 1.0
     autocast_dtype: str | None = None  # "bfloat16" or "float16": autocast (master weights stay float32)
     compile: bool = False  # torch.compile the SAE's forward
     seed: int = 0  # seeds the normalized SAE's training noise
