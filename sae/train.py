@@ -84,15 +84,18 @@ class TrainConfig:
     target_l0_proportional_gain: float = 1.0
     target_l0_ema: float = 0.1
     target_l0_start_fraction: float = 0.25
-    # JumpReLU's learned threshold trains at lr times this. Adam moves a parameter by ~lr per step
-    # at most, and the L0 penalty reaches a threshold only through the pre-activations within
-    # bandwidth / 2 of it, so the thresholds lag the sparsity coefficient by hundreds of steps and
-    # the controller's L0 undershoots. Own sweep (tiny model, blocks.2, batch 1024, 1M tokens): x3
-    # at d_sae 1024 (targets 10 / 12, seeds 0-3) gives +0.0011 to +0.0026 explained variance at
-    # equal L0 and ends within 1.2% of the target (x1: 3-8% under), but at d_sae 2048 (target 16,
-    # seeds 0 / 1) -0.0009 / -0.0021 with 2-3x the dead features (96-110 vs 35-59; a threshold
-    # above all of its feature's pre-activations gets no gradient again). Hence 1, as SAELens.
-    threshold_lr_scale: float = 1.0
+    # JumpReLU's learned threshold trains at lr times this while the target_l0 controller acts
+    # (from its start step; at lr before it, and without a controller). Adam moves a parameter by
+    # ~lr per step at most, and the L0 penalty reaches a threshold only through the pre-activations
+    # within bandwidth / 2 of it, so at lr the thresholds lag the controller's coefficient by
+    # hundreds of steps and L0 undershoots the target. Own sweep (tiny model, blocks.2, batch 1024,
+    # 1M tokens), EV at equal L0 against x1: x3 from the controller's start, d_sae 1024, targets
+    # 10 / 12, seeds 0 / 1: +0.0008 to +0.0027, ending within 1% of the target (x1: 3-8% under);
+    # d_sae 2048, target 16: +0.0000 / +0.0002, as many dead features. x3 from step 0 instead cost
+    # -0.0009 / -0.0021 at d_sae 2048 with 2-3x the dead features (96-110 vs 35-59): while L0 falls
+    # from ~d_sae / 2, fast thresholds pass all of a rare feature's pre-activations, and a threshold
+    # there gets no gradient again.
+    threshold_lr_scale: float = 3.0
     autocast_dtype: str | None = None  # "bfloat16" or "float16": autocast (master weights stay float32)
     compile: bool = False  # torch.compile the SAE's forward
     seed: int = 0  # seeds the normalized SAE's training noise
@@ -211,12 +214,12 @@ class Trainer:
         self.device = sae.W_enc.device
         if any(p.dtype != torch.float32 for p in sae.parameters()):
             raise ValueError("the trainer keeps float32 master weights; build the SAE in float32")
-        # One parameter group per learning-rate scale: JumpReLU's `threshold` parameter trains at
-        # lr * threshold_lr_scale (BatchTopK's threshold is a buffer, not trained by gradient).
+        # JumpReLU's `threshold` parameter in a group of its own, for threshold_lr_scale
+        # (BatchTopK's threshold is a buffer, not trained by gradient).
         named = dict(sae.named_parameters())
-        groups = [{"params": [p for name, p in named.items() if name != "threshold"], "lr_scale": 1.0}]
+        groups = [{"params": [p for name, p in named.items() if name != "threshold"], "is_threshold": False}]
         if "threshold" in named:
-            groups.append({"params": [named["threshold"]], "lr_scale": self.cfg.threshold_lr_scale})
+            groups.append({"params": [named["threshold"]], "is_threshold": True})
         self.optimizer = torch.optim.Adam(groups, lr=self.cfg.lr, betas=self.cfg.adam_betas)
         # fp16 gradients underflow without loss scaling; for bf16 / float32 the scaler is a no-op.
         self.grad_scaler = torch.amp.GradScaler(self.device.type, enabled=self.cfg.autocast_dtype == "float16")
@@ -267,8 +270,10 @@ class Trainer:
 
         lr, dead_mask = self.cfg.learning_rate(step), self.dead_mask
         l1_scale = self.cfg.l1_scale(step) * self.sparsity_factor
+        steering = self.controller is not None and step >= self.controller.start_step
+        threshold_lr = lr * (self.cfg.threshold_lr_scale if steering else 1.0)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
+            group["lr"] = threshold_lr if group["is_threshold"] else lr
         self.sae.train()
         autocast_dtype = AUTOCAST_DTYPES.get(self.cfg.autocast_dtype)
         with torch.autocast(self.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):

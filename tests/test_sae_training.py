@@ -223,18 +223,23 @@ def test_learning_rate_and_l1_schedules():
     assert [cfg.l1_scale(step) for step in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
 
 
-def test_jumprelu_threshold_trains_at_its_own_learning_rate_scale():
-    # Adam's first step moves each parameter by lr * g / (|g| + eps): the threshold moves exactly
-    # threshold_lr_scale times as far, every other parameter as with a scale of 1.
+@pytest.mark.parametrize("controller_started", [True, False])
+def test_jumprelu_threshold_trains_at_its_own_learning_rate_scale_while_the_controller_acts(controller_started):
+    # Adam's first step moves each parameter by lr * g / (|g| + eps): once the target_l0
+    # controller has started, the threshold moves exactly threshold_lr_scale times as far, every
+    # other parameter as with a scale of 1; before it starts, the scale does nothing.
     x = DATA.sample(256, torch.Generator().manual_seed(5))
     moved = {}
     for scale in (1.0, 3.0):
-        trainer = make_trainer("jumprelu", train_cfg=TrainConfig(lr=1e-3, threshold_lr_scale=scale))
+        train_cfg = TrainConfig(lr=1e-3, threshold_lr_scale=scale, total_steps=10,
+                                target_l0_start_fraction=0.0 if controller_started else 0.5)
+        trainer = make_trainer("jumprelu", train_cfg=train_cfg, target_l0=3.0)
         before = {name: p.detach().clone() for name, p in trainer.sae.named_parameters()}
         trainer.step(x)
         moved[scale] = {name: p.detach() - before[name] for name, p in trainer.sae.named_parameters()}
     assert (moved[1.0]["threshold"] != 0).sum() > 10  # features near their threshold got a gradient
-    torch.testing.assert_close(moved[3.0]["threshold"], 3 * moved[1.0]["threshold"], rtol=1e-4, atol=1e-9)
+    expected = 3 * moved[1.0]["threshold"] if controller_started else moved[1.0]["threshold"]
+    torch.testing.assert_close(moved[3.0]["threshold"], expected, rtol=1e-4, atol=1e-9)
     for name in moved[1.0].keys() - {"threshold"}:
         torch.testing.assert_close(moved[3.0][name], moved[1.0][name], rtol=0, atol=0)
     with pytest.raises(ValueError, match="threshold_lr_scale"):
