@@ -198,6 +198,10 @@ def main() -> None:
     parser.add_argument("--from-logs", nargs="+", metavar="LOG",
                         help="train nothing: print the equal-L0 comparison from the tables that earlier runs printed")
     args = parser.parse_args()
+    try:
+        TrainConfig(threshold_lr_scale=args.threshold_lr_scale)
+    except ValueError as error:
+        parser.error(str(error))
     if args.from_logs:
         print_equal_l0([row for log in args.from_logs for row in printed_rows(Path(log).read_text())])
         return

@@ -71,6 +71,11 @@ class SAE(nn.Module):
         """Feature activations [..., d_sae] of inputs [..., d_in] (inference: no training noise)."""
         raise NotImplementedError
 
+    def learned_threshold(self) -> nn.Parameter | None:
+        """The per-feature threshold trained by gradient (JumpReLU), which the trainer steps at its
+        own rate (TrainConfig.threshold_lr_scale); None for architectures without one."""
+        return None
+
     def decode(self, feature_acts: Tensor) -> Tensor:
         """Reconstruction [..., d_in] of feature activations [..., d_sae]."""
         return feature_acts @ self.W_dec + self.b_dec

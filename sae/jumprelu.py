@@ -66,6 +66,9 @@ class JumpReLUSAE(SAE):
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.threshold = nn.Parameter(torch.full((cfg.d_sae,), cfg.jumprelu_init_threshold))
 
+    def learned_threshold(self) -> nn.Parameter:
+        return self.threshold
+
     def pre_activation(self, x: Tensor) -> Tensor:
         return self.centered_input(x) @ self.W_enc + self.b_enc
 

@@ -214,12 +214,11 @@ class Trainer:
         self.device = sae.W_enc.device
         if any(p.dtype != torch.float32 for p in sae.parameters()):
             raise ValueError("the trainer keeps float32 master weights; build the SAE in float32")
-        # JumpReLU's `threshold` parameter in a group of its own, for threshold_lr_scale
-        # (BatchTopK's threshold is a buffer, not trained by gradient).
-        named = dict(sae.named_parameters())
-        groups = [{"params": [p for name, p in named.items() if name != "threshold"], "is_threshold": False}]
-        if "threshold" in named:
-            groups.append({"params": [named["threshold"]], "is_threshold": True})
+        # A learned threshold (JumpReLU) in a group of its own, for threshold_lr_scale.
+        threshold = sae.learned_threshold()
+        groups = [{"params": [p for p in sae.parameters() if p is not threshold], "is_threshold": False}]
+        if threshold is not None:
+            groups.append({"params": [threshold], "is_threshold": True})
         self.optimizer = torch.optim.Adam(groups, lr=self.cfg.lr, betas=self.cfg.adam_betas)
         # fp16 gradients underflow without loss scaling; for bf16 / float32 the scaler is a no-op.
         self.grad_scaler = torch.amp.GradScaler(self.device.type, enabled=self.cfg.autocast_dtype == "float16")
