@@ -30,7 +30,7 @@ from actserve.services.admission import StreamEnded
 from actserve.services.column_pages import Page, ShardPages
 from actserve.services.manifest import split_complete
 from actserve.services.shard_format import META_COLUMNS, decode_activations, encode_activations, shard_schema
-from actserve.services.shuffle import Buffer, epoch_buffers, locate, row_indices
+from actserve.services.shuffle import Buffer, epoch_slices, locate, make_buffer, row_indices
 from actserve.services.sources import CacheSource
 from actserve.services.stream_plan import StreamPlan
 
@@ -150,14 +150,15 @@ def pending_buffers(source: CacheSource, plan: StreamPlan, stop: threading.Event
         manifest = source.manifest()
         shards = getattr(manifest, plan.request.split).shards
         final = split_complete(manifest, plan.request.split) or not plan.request.follow
-        buffers = epoch_buffers(shards, plan.order, complete=final)[served:]
-        first, skip = locate(buffers, skip)
-        for buffer in buffers[first:]:
-            if buffer.num_rows:  # a buffer with fewer rows than consumers leaves some none
-                yield shards, buffer, skip
+        pieces, slices = epoch_slices(shards, plan.order, complete=final)
+        slices = slices[served:]
+        first, skip = locate([hi - lo for _, lo, hi in slices], skip)
+        for index, (run, lo, hi) in enumerate(slices[first:], start=served + first):
+            if hi > lo:  # a buffer with fewer rows than consumers leaves some none
+                yield shards, make_buffer(index, run, pieces, lo, hi), skip  # built when read: an epoch has ~1,000
             skip = 0
-        served += len(buffers)
-        if buffers:
+        served += len(slices)
+        if slices:
             wait = FOLLOW_POLL[0]
         if final:
             if skip:

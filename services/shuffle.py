@@ -277,14 +277,14 @@ def position_major_index(rows: np.ndarray, buffer: Buffer, context_size: int) ->
     return starts[shard] + within % context_size * (shard_rows[shard] // context_size) + within // context_size
 
 
-def locate(buffers: Sequence[Buffer], start: int) -> tuple[int, int]:
-    """(buffer number in `buffers`, offset in its slice) of the consumer's row `start`.
+def locate(sizes: Sequence[int], start: int) -> tuple[int, int]:
+    """(buffer number, offset in its slice) of the consumer's row `start`, given the rows of each
+    buffer's slice in reading order.
 
-    A cursor at or past the end of `buffers` gives (len(buffers), rows past the end): an error for a
-    complete epoch, a wait for buffers still to come in follow mode."""
-    for i, buffer in enumerate(buffers):
-        if start < buffer.num_rows:
+    A cursor at or past the end gives (len(sizes), rows past the end): an error for a complete
+    epoch, a wait for buffers still to come in follow mode."""
+    for i, size in enumerate(sizes):
+        if start < size:
             return i, start
-        start -= buffer.num_rows
-    return len(buffers), start
-
+        start -= size
+    return len(sizes), start

@@ -94,13 +94,14 @@ def test_cursor_resumes_within_one_buffer(position_major):
     o = order(num_consumers=3, consumer_index=1, drop_bos=True, position_major=position_major)
     blocks = epoch_buffers(SHARDS, o)
     full = epoch_rows(SHARDS, o)
-    for start in (0, 1, 17, blocks[0].num_rows, len(full) - 1, len(full)):
-        first, offset = locate(blocks, start)
+    sizes = [b.num_rows for b in blocks]
+    for start in (0, 1, 17, sizes[0], len(full) - 1, len(full)):
+        first, offset = locate(sizes, start)
         tail = [row_indices(b, o) for b in blocks[first:]]
         if tail:
             tail[0] = tail[0][offset:]  # only the buffer holding the cursor is re-read
         assert sum(map(len, tail)) == len(full) - start
-    assert locate(blocks, len(full) + 5) == (len(blocks), 5)
+    assert locate(sizes, len(full) + 5) == (len(blocks), 5)
 
 
 def test_follow_buffers_are_a_stable_prefix():
