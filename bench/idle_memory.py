@@ -31,6 +31,8 @@ def main() -> None:
     parser.add_argument("--mb", type=int, default=400, help="size of each allocation (a 4-hook stream's buffer: 400)")
     parser.add_argument("--idle", type=float, nargs="+", default=[1, 3, 6], help="seconds the freed memory sits idle")
     args = parser.parse_args()
+    if args.mb <= 0 or min(args.idle) < 0:
+        parser.error(f"--mb must be positive and --idle seconds not negative (got --mb {args.mb}, --idle {args.idle})")
     nbytes = args.mb * 2**20
     touch_seconds(nbytes)  # the process's first allocation
     for idle in args.idle:
