@@ -20,11 +20,19 @@ client does not read, so a client that stays connected and never reads keeps tha
 """
 from __future__ import annotations
 
+import ctypes
+import sys
 import threading
 import time
 import weakref
 
 import pyarrow as pa
+
+HUGE_PAGE = 2 << 20  # bytes of a transparent huge page on x86-64 Linux
+MADV_HUGEPAGE = 14
+LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+if LIBC is not None:
+    LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 
 class StreamEnded(Exception):
@@ -55,6 +63,20 @@ def use_returning_memory_pool() -> None:
         return
     pa.set_memory_pool(pool)
     pa.jemalloc_set_decay_ms(0)
+
+
+def allocate_huge_paged(nbytes: int) -> pa.Buffer:
+    """nbytes from pyarrow's pool, its whole 2 MiB pages marked for transparent huge pages (Linux;
+    elsewhere, or with THP off, ordinary pages). A stream's buffer is written once, sent and freed,
+    so every buffer is touched afresh: in 4 KiB pages that is one page fault per 4 KiB, ~0.35 s of
+    system time per GB filled (of the server's 0.9 s of CPU per GB sent over Flight); in huge
+    pages 1/512 as many faults."""
+    buffer = pa.allocate_buffer(nbytes)
+    start = -(-buffer.address // HUGE_PAGE) * HUGE_PAGE
+    end = (buffer.address + buffer.size) // HUGE_PAGE * HUGE_PAGE
+    if LIBC is not None and end > start:
+        LIBC.madvise(start, end - start, MADV_HUGEPAGE)  # advice: a refusal leaves ordinary pages
+    return buffer
 
 
 def resource_exhausted(message: str) -> str:
