@@ -29,6 +29,7 @@ import weakref
 import pyarrow as pa
 
 HUGE_PAGE = 2 << 20  # bytes of a transparent huge page on x86-64 Linux
+HUGE_PAGED_MIN_BYTES = 32 << 20  # buffers below this stay in ordinary pages (allocate_huge_paged)
 MADV_HUGEPAGE = 14
 LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 if LIBC is not None:
@@ -66,15 +67,17 @@ def use_returning_memory_pool() -> None:
 
 
 def allocate_huge_paged(nbytes: int) -> pa.Buffer:
-    """nbytes from pyarrow's pool, its whole 2 MiB pages marked for transparent huge pages (Linux;
-    elsewhere, or with THP off, ordinary pages). A stream's buffer is written once, sent and freed,
-    so every buffer is touched afresh: in 4 KiB pages that is one page fault per 4 KiB, ~0.35 s of
-    system time per GB filled (of the server's 0.9 s of CPU per GB sent over Flight); in huge
-    pages 1/512 as many faults."""
+    """nbytes from pyarrow's pool; from HUGE_PAGED_MIN_BYTES up, its whole 2 MiB pages marked for
+    transparent huge pages (Linux; elsewhere, or with THP off, ordinary pages). A stream's buffer is
+    written once, sent and freed, so every buffer is touched afresh: in 4 KiB pages that is one page
+    fault per 4 KiB, ~0.35 s of system time per GB filled (of the server's 0.9 s of CPU per GB sent
+    over Flight); in huge pages 1/512 as many faults. The mark outlives the buffer on its address
+    range, where jemalloc later puts small allocations that then take whole 2 MiB pages: marking
+    the 8 MiB buffers of bench/soak.py raised the server's RssAnon from 393 to 493 MB (bound 500)."""
     buffer = pa.allocate_buffer(nbytes)
     start = -(-buffer.address // HUGE_PAGE) * HUGE_PAGE
     end = (buffer.address + buffer.size) // HUGE_PAGE * HUGE_PAGE
-    if LIBC is not None and end > start:
+    if LIBC is not None and nbytes >= HUGE_PAGED_MIN_BYTES and end > start:
         LIBC.madvise(start, end - start, MADV_HUGEPAGE)  # advice: a refusal leaves ordinary pages
     return buffer
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -159,3 +160,31 @@ def test_caches_that_cannot_be_opened_are_reported(cache, tmp_path):
     with running_server([cache], expose_urls=True) as server:
         (result,) = flight.connect(server.location).do_action(flight.Action("list-caches", b""))
         assert CacheList.FromString(result.body.to_pybytes()).caches[0].url == cache
+
+
+
+HUGE_PAGE_PROBE = """
+import pyarrow as pa
+from actserve.services.admission import HUGE_PAGED_MIN_BYTES, allocate_huge_paged, use_returning_memory_pool
+use_returning_memory_pool()
+def vm_flags(address):
+    inside = False
+    for line in open("/proc/self/smaps"):
+        first = line.split()[0]
+        if not first.endswith(":"):  # a mapping's first line: lo-hi perms offset ...
+            lo, hi = (int(x, 16) for x in first.split("-"))
+            inside = lo <= address < hi
+        elif first == "VmFlags:" and inside:
+            return line.split()[1:]
+n = HUGE_PAGED_MIN_BYTES
+buffers = pa.allocate_buffer(n), allocate_huge_paged(n // 2), allocate_huge_paged(n)
+assert [b.size for b in buffers] == [n, n // 2, n]
+print(*("hg" in vm_flags(b.address + b.size // 2) for b in buffers))  # the middle: inside a whole 2 MiB page
+"""
+
+
+@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage").exists(), reason="no transparent huge pages")
+def test_stream_buffers_are_marked_for_huge_pages():
+    """In the server's memory pool (jemalloc, which does not ask for huge pages itself)."""
+    out = subprocess.run([sys.executable, "-c", HUGE_PAGE_PROBE], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False", "True"]  # plain, small, large
