@@ -1,5 +1,5 @@
 """What the server's memory pool costs a stream: tokens/s of one stream from a server process as
-`actserve serve` runs it (jemalloc returning freed pages at once, admission.use_returning_memory_pool)
+`actserve serve` runs it (jemalloc returning freed pages at once, process_memory.use_returning_memory_pool)
 next to one on pyarrow's default pool (mimalloc), the same cache, runs interleaved, medians.
 
     ./dev python bench/memory_pool.py [--repeat 5]

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow.flight as flight
 
 from actserve.proto.stream_pb2 import ServerStats, StreamRequest
-from actserve.services.admission import resident_memory
+from actserve.services.process_memory import resident_memory
 from actserve.services.serve_options import ServeOptions
 from actserve.testing import SyntheticSpec, spawn_server, write_synthetic_cache
 

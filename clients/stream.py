@@ -9,6 +9,8 @@
 A background thread reads a few batches ahead (`prefetch`) and turns each Arrow batch into tensors
 that view Arrow's buffers (no copy; one copy into pinned memory when the device is CUDA, then a
 non-blocking transfer). Activations travel in the cache's dtype and are converted on the device.
+A stream over Flight makes the process keep glibc's freed heap memory, up to 128 MiB per heap
+(services/process_memory.py: keep_freed_heap_memory), so that gRPC's receive buffers are reused.
 
 The stream survives server restarts: on an unavailable server it reconnects with exponential
 backoff, to the same or another replica, and asks for the rest of the epoch from the last row it
@@ -37,6 +39,7 @@ import torch
 from actserve.proto.manifest_pb2 import HookStats, Manifest
 from actserve.proto.stream_pb2 import CacheList, ListCachesRequest, ServerStats, StreamRequest
 from actserve.services.block_reader import cut_batches, stream_buffers
+from actserve.services.process_memory import keep_freed_heap_memory
 from actserve.services.shard_format import META_COLUMNS, decode_activations
 from actserve.services.sources import CacheSource
 from actserve.services.stream_plan import StreamLimits, plan_stream
@@ -307,6 +310,7 @@ class ActivationStream:
         if self.options.read_from:
             yield from self._direct_batches(request, start)
             return
+        keep_freed_heap_memory()  # gRPC's receive buffers reused, not faulted in afresh
         retry = self._retry()
         while True:
             request.start = start

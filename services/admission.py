@@ -20,66 +20,15 @@ client does not read, so a client that stays connected and never reads keeps tha
 """
 from __future__ import annotations
 
-import ctypes
-import sys
 import threading
 import time
 import weakref
 
-import pyarrow as pa
-
-HUGE_PAGE = 2 << 20  # bytes of a transparent huge page on x86-64 Linux
-HUGE_PAGED_MIN_BYTES = 32 << 20  # buffers below this stay in ordinary pages (allocate_huge_paged)
-MADV_HUGEPAGE = 14
-LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
-if LIBC is not None:
-    LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+from actserve.services.process_memory import resident_memory
 
 
 class StreamEnded(Exception):
     """The server ended the stream (idle timeout); the message says why and how to resume."""
-
-
-def resident_memory(pid: int | str = "self") -> dict[str, int]:
-    """A process's resident bytes by kind, from /proc/PID/status (Linux; empty elsewhere): RssAnon
-    (heap: buffers, batches, the interpreter), RssFile (memory-mapped shards and libraries: page
-    cache the kernel can drop), VmRSS (their sum with RssShmem) and VmHWM (VmRSS's peak)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            lines = [line.split() for line in f]
-    except FileNotFoundError:
-        return {}
-    return {fields[0].rstrip(":"): int(fields[1]) * 1024 for fields in lines
-            if fields[0] in ("RssAnon:", "RssFile:", "VmRSS:", "VmHWM:")}
-
-
-def use_returning_memory_pool() -> None:
-    """Make this process's default pyarrow memory pool jemalloc returning freed pages to the system at
-    once. pyarrow's default, mimalloc, keeps freed pages resident for a while: under 16 streams the
-    server's RssAnon stood ~25% above what its pool had allocated. Process-wide: called where a
-    server process starts. A pyarrow built without jemalloc (macOS wheels) keeps its default."""
-    try:
-        pool = pa.jemalloc_memory_pool()
-    except NotImplementedError:
-        return
-    pa.set_memory_pool(pool)
-    pa.jemalloc_set_decay_ms(0)
-
-
-def allocate_huge_paged(nbytes: int) -> pa.Buffer:
-    """nbytes from pyarrow's pool; from HUGE_PAGED_MIN_BYTES up, its whole 2 MiB pages marked for
-    transparent huge pages (Linux; elsewhere, or with THP off, ordinary pages). A stream's buffer is
-    written once, sent and freed, so every buffer is touched afresh: in 4 KiB pages that is one page
-    fault per 4 KiB, ~0.35 s of system time per GB filled (of the server's 0.9 s of CPU per GB sent
-    over Flight); in huge pages 1/512 as many faults. The mark outlives the buffer on its address
-    range, where jemalloc later puts small allocations that then take whole 2 MiB pages: marking
-    the 8 MiB buffers of bench/soak.py raised the server's RssAnon from 393 to 493 MB (bound 500)."""
-    buffer = pa.allocate_buffer(nbytes)
-    start = -(-buffer.address // HUGE_PAGE) * HUGE_PAGE
-    end = (buffer.address + buffer.size) // HUGE_PAGE * HUGE_PAGE
-    if LIBC is not None and nbytes >= HUGE_PAGED_MIN_BYTES and end > start:
-        LIBC.madvise(start, end - start, MADV_HUGEPAGE)  # advice: a refusal leaves ordinary pages
-    return buffer
 
 
 def resource_exhausted(message: str) -> str:

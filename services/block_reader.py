@@ -26,9 +26,10 @@ from operator import attrgetter
 import numpy as np
 import pyarrow as pa
 
-from actserve.services.admission import StreamEnded, allocate_huge_paged
+from actserve.services.admission import StreamEnded
 from actserve.services.column_pages import Page, ShardPages
 from actserve.services.manifest import split_complete
+from actserve.services.process_memory import allocate_huge_paged
 from actserve.services.shard_format import META_COLUMNS, decode_activations, encode_activations, shard_schema
 from actserve.services.shuffle import Buffer, epoch_slices, locate, make_buffer, row_indices
 from actserve.services.sources import CacheSource

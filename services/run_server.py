@@ -9,7 +9,7 @@ import time
 
 import ray
 
-from actserve.services.admission import use_returning_memory_pool
+from actserve.services.process_memory import use_returning_memory_pool
 from actserve.services.ray_runtime import ensure_ray
 from actserve.services.serve_options import ServeOptions, parse_cache_spec
 from actserve.services.server import ActivationServer

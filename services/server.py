@@ -25,8 +25,9 @@ from google.protobuf.message import DecodeError
 
 from actserve import __version__
 from actserve.proto.stream_pb2 import CacheList, HealthResult, ListCachesRequest, ServerStats, UnavailableCache
-from actserve.services.admission import Admission, StreamEnded, StreamLease, resident_memory
+from actserve.services.admission import Admission, StreamEnded, StreamLease
 from actserve.services.block_reader import cut_batches, stream_buffers
+from actserve.services.process_memory import resident_memory
 from actserve.services.serve_options import ServeOptions, parse_cache_spec
 from actserve.services.shard_cache import ShardCache
 from actserve.services.sources import CacheSource
