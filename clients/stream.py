@@ -9,8 +9,8 @@
 A background thread reads a few batches ahead (`prefetch`) and turns each Arrow batch into tensors
 that view Arrow's buffers (no copy; one copy into pinned memory when the device is CUDA, then a
 non-blocking transfer). Activations travel in the cache's dtype and are converted on the device.
-A stream over Flight makes the process keep glibc's freed heap memory, up to 128 MiB per heap
-(services/process_memory.py: keep_freed_heap_memory), so that gRPC's receive buffers are reused.
+A stream over Flight makes the process keep glibc's freed heap memory, up to 128 MiB at the heap's
+top (services/process_memory.py: keep_freed_heap_memory), so that gRPC's receive buffers are reused.
 
 The stream survives server restarts: on an unavailable server it reconnects with exponential
 backoff, to the same or another replica, and asks for the rest of the epoch from the last row it
@@ -186,6 +186,8 @@ class ActivationStream:
         self._flight_reader = None  # the open do_get, cancelled by close()
         self._direct: CacheSource | None = None  # the cache at read_from, opened on first read
         self._device = torch.device(self.options.device)
+        if not self.options.read_from:
+            keep_freed_heap_memory()  # before gRPC's threads first allocate: its receive buffers reused
 
     # -- what trainers ask before streaming --
 
@@ -310,7 +312,6 @@ class ActivationStream:
         if self.options.read_from:
             yield from self._direct_batches(request, start)
             return
-        keep_freed_heap_memory()  # gRPC's receive buffers reused, not faulted in afresh
         retry = self._retry()
         while True:
             request.start = start

@@ -178,9 +178,12 @@ def fill_buffer(source: CacheSource, plan: StreamPlan, shards, buffer: Buffer, o
     starts = np.cumsum([0, *buffer.piece_rows])
     widths = [c.shape[1] for c in columns]
     checked: set[tuple] = set()  # pages whose checksum matched, once per buffer
-    # where each piece's rows go: the wanted rows sorted, with their destinations
-    by_row = np.argsort(wanted, kind="stable")
-    sorted_rows = wanted[by_row]
+    # where each piece's rows go: the wanted rows (distinct) in ascending order, with their
+    # destinations; by inverting the order in O(rows), where a sort took ~7% of the server's CPU
+    destination = np.full(starts[-1], -1, np.int32 if len(wanted) < 2**31 else np.int64)
+    destination[wanted] = np.arange(len(wanted))
+    sorted_rows = np.flatnonzero(destination >= 0)
+    by_row = destination[sorted_rows]
     cuts = np.searchsorted(sorted_rows, starts)
     by_shard: dict[int, list[int]] = {}  # shard -> its pieces' positions in the buffer, if it has rows here
     for k, (shard, _) in enumerate(buffer.pieces):

@@ -15,9 +15,9 @@ HUGE_PAGE = 2 << 20  # bytes of a transparent huge page on x86-64 Linux
 HUGE_PAGED_MIN_BYTES = 32 << 20  # buffers below this stay in ordinary pages (allocate_huge_paged)
 MADV_HUGEPAGE = 14
 # glibc's mallopt parameters (malloc.h) and the values keep_freed_heap_memory sets
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
 HEAP_MMAP_THRESHOLD = 32 << 20  # allocations below this come from the heap (glibc's dynamic maximum)
-HEAP_TRIM_THRESHOLD = 128 << 20  # free memory at a heap's top kept up to this
+HEAP_TRIM_THRESHOLD = 128 << 20  # free memory at the heap's top kept up to this
 LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 if LIBC is not None:
     LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -69,11 +69,14 @@ def allocate_huge_paged(nbytes: int) -> pa.Buffer:
 def keep_freed_heap_memory() -> bool:
     """Keep glibc's freed heap memory in this process for reuse (mallopt; False where libc is not
     glibc). gRPC receives each Flight message (6 MB for a batch of 4,096 GPT-2-width tokens) into
-    buffers from malloc. glibc maps allocations of 128 KiB up afresh, rises that threshold only to the
-    largest size freed so far, and gives a heap's top back once more than twice that is free there:
-    with a few batches in flight, a client faulted in a fresh 4 KiB page every ~14 KB received
-    (~0.3-0.7 s of system time per GB). Below HEAP_MMAP_THRESHOLD allocations come from the heap,
-    and up to HEAP_TRIM_THRESHOLD of free memory stays at each heap's top. Process-wide, once."""
+    buffers from malloc, on its own threads. By default glibc maps allocations of 128 KiB up afresh
+    (rising that threshold only to the largest size freed so far), gives the heap's top back once
+    more than twice that is free there, and gives threads arenas of 64 MiB heaps that it unmaps as
+    soon as one is wholly free: a client faulted in a fresh 4 KiB page every ~14-50 KB received
+    (0.15-0.7 s of system time per GB). Here allocations below HEAP_MMAP_THRESHOLD come from the
+    heap, up to HEAP_TRIM_THRESHOLD of free memory stays at its top, and threads that allocate for
+    the first time share the main arena. Process-wide, once; called before a stream's first call."""
     if LIBC is None or platform.libc_ver()[0] != "glibc":
         return False
-    return bool(LIBC.mallopt(M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD) and LIBC.mallopt(M_TRIM_THRESHOLD, HEAP_TRIM_THRESHOLD))
+    return all(LIBC.mallopt(option, value) == 1 for option, value in
+               ((M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD), (M_TRIM_THRESHOLD, HEAP_TRIM_THRESHOLD), (M_ARENA_MAX, 1)))
