@@ -10,6 +10,10 @@ and the total peak RSS (VmHWM, which also counts memory-mapped shard pages); the
 rows lost or repeated (every epoch must be every train row exactly once). Not a test: run by hand.
 
     ./dev python bench/soak.py --seconds 60
+    ./dev python bench/soak.py --seconds 60 --shards 64 --buffer-tokens 32768 --memory-budget-gb 1
+
+The second run's buffers are 32 MiB a column, so the server puts them in transparent huge pages
+(services/process_memory.py: allocate_huge_paged); the first's 8 MiB buffers stay in 4 KiB pages.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import argparse
 import tempfile
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 import pyarrow.flight as flight
@@ -27,7 +32,7 @@ from actserve.services.serve_options import ServeOptions
 from actserve.testing import SyntheticSpec, spawn_server, write_synthetic_cache
 
 SPEC = SyntheticSpec(d_model=512, context_size=32, sequences_per_shard=64, train_shards=16, eval_shards=1)
-BUFFER_TOKENS = 4 * SPEC.sequences_per_shard * SPEC.context_size  # 4 shards
+BUFFER_TOKENS = 4 * SPEC.sequences_per_shard * SPEC.context_size  # 4 shards (main sets it from --buffer-tokens)
 IDLE_TIMEOUT = 3.0  # seconds; the stalling clients stall for twice this
 MB = 1e6
 
@@ -52,10 +57,18 @@ class PeakSampler(threading.Thread):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    global SPEC, BUFFER_TOKENS
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--memory-budget-gb", type=float, default=0.5)
+    ap.add_argument("--shards", type=int, default=SPEC.train_shards,
+                    help=f"train shards of {SPEC.sequences_per_shard * SPEC.context_size:,} tokens")
+    ap.add_argument("--buffer-tokens", type=int, default=BUFFER_TOKENS,
+                    help=f"each stream's shuffle buffer; a column of it is {SPEC.d_model * 2:,} bytes a token")
     args = ap.parse_args()
+    if args.shards < 1 or args.buffer_tokens < 1:
+        ap.error("--shards and --buffer-tokens must be >= 1")
+    SPEC, BUFFER_TOKENS = replace(SPEC, train_shards=args.shards), args.buffer_tokens
     url = tempfile.mkdtemp() + "/soak"
     manifest = write_synthetic_cache(url, SPEC)
     split_rows = manifest.train.num_tokens

@@ -2,8 +2,10 @@
 follow mode), each filled on the stream's reader thread while the previous one is sent, and cut
 into batches of exactly batch_size.
 
-A buffer is one contiguous array per requested column, already in the consumer's order: the rows
-of each piece (row group) are copied straight to their places (numpy fancy indexing, which
+A buffer is one contiguous array per requested column, already in the consumer's order, in the
+memory of the stream's buffer before last once nothing views that any more (process_memory.py:
+ReusedBlocks; fresh memory costs the kernel a fault and a zeroing per page): the rows of each
+piece (row group) are copied straight to their places (numpy fancy indexing, which
 releases the GIL). Local shards are not decoded at all: the rows are copied from the
 memory-mapped pages of their column chunks (column_pages.py), each page's CRC32 checked once per
 buffer, so that copy is the only one before Flight's; remote shards are read with pyarrow first.
@@ -29,11 +31,11 @@ import pyarrow as pa
 from actserve.services.admission import StreamEnded
 from actserve.services.column_pages import Page, ShardPages
 from actserve.services.manifest import split_complete
-from actserve.services.process_memory import allocate_huge_paged
+from actserve.services.process_memory import ReusedBlocks
 from actserve.services.shard_format import META_COLUMNS, decode_activations, encode_activations, shard_schema
 from actserve.services.shuffle import Buffer, epoch_slices, locate, make_buffer, row_indices
 from actserve.services.sources import CacheSource
-from actserve.services.stream_plan import StreamPlan
+from actserve.services.stream_plan import BUFFERS_HELD, StreamPlan
 
 FOLLOW_POLL = (0.05, 2.0)  # seconds: first and longest wait between manifest polls in follow mode
 CANCEL_CHECK = 1.0  # seconds between checks that the client of a waiting stream is still there
@@ -45,18 +47,36 @@ class BufferRows:
     dtype, filled from its start (`filled` rows so far). `release` drops it (the server ending the
     stream frees its memory at once)."""
 
-    def __init__(self, rows: pa.RecordBatch, plan: StreamPlan):
-        self.rows: pa.RecordBatch | None = rows
-        self.num_rows, self.plan = rows.num_rows, plan
+    def __init__(self, plan: StreamPlan, num_rows: int):
+        self.rows: pa.RecordBatch | None = None  # its memory, once allocated
+        self.blocks: ReusedBlocks | None = None  # where that memory came from
+        self.num_rows, self.plan = num_rows, plan
         self.released: str | None = None
         self.filled = 0
         self.error: BaseException | None = None  # why filling it failed
         self.changed = threading.Condition()
 
+    def allocate(self, blocks: ReusedBlocks) -> list[np.ndarray]:
+        """Its memory, from `blocks`: its columns as [rows, bytes per row] arrays to fill."""
+        plan = self.plan
+        full = shard_schema(list(plan.request.hooks), plan.d_model, plan.cache_dtype)  # columns as the shards hold them
+        cached = pa.schema([full.field(name) for name in plan.schema.names])
+        columns = blocks.take(self.num_rows, [f.type.byte_width for f in cached])
+        arrays = [pa.Array.from_buffers(f.type, self.num_rows, [None, pa.py_buffer(c)]) for f, c in zip(cached, columns)]
+        with self.changed:
+            released = self.released is not None
+            if not released:
+                self.rows, self.blocks = pa.RecordBatch.from_arrays(arrays, schema=cached), blocks
+        if released:  # ended meanwhile
+            blocks.release()
+        return columns
+
     def release(self, reason: str) -> None:
         with self.changed:
-            self.rows, self.released = None, reason
+            self.rows, self.released, blocks = None, reason, self.blocks
             self.changed.notify_all()
+        if blocks is not None:  # the memory the stream keeps for reuse goes too
+            blocks.release()
 
     def mark_filled(self, rows: int) -> None:
         with self.changed:
@@ -75,12 +95,12 @@ class BufferRows:
         """Rows start..stop once filled: a zero-copy slice (converted when the stream is float32
         and the cache is not)."""
         with self.changed:
-            while self.filled < stop and self.error is None and self.rows is not None:
+            while self.filled < stop and self.error is None and self.released is None:
                 self.changed.wait()
             rows, error = self.rows, self.error
         if error is not None:
             raise error
-        if rows is None:
+        if self.released is not None:
             raise StreamEnded(self.released)
         batch = rows.slice(start, stop - start)
         plan = self.plan
@@ -92,18 +112,6 @@ class BufferRows:
         return pa.RecordBatch.from_arrays(columns, schema=plan.schema)
 
 
-def empty_buffer(plan: StreamPlan, num_rows: int) -> tuple[BufferRows, list[np.ndarray]]:
-    """A buffer of num_rows rows not filled yet, and its columns as [rows, bytes per row] arrays."""
-    full = shard_schema(list(plan.request.hooks), plan.d_model, plan.cache_dtype)  # columns as the shards hold them
-    cached = pa.schema([full.field(name) for name in plan.schema.names])
-    # in pyarrow's memory pool, which returns freed buffers to the system and counts them
-    # (glibc's malloc kept ~2x the live buffers resident under many streams), in huge pages
-    columns = [np.frombuffer(allocate_huge_paged(num_rows * f.type.byte_width), np.uint8)
-               .reshape(num_rows, f.type.byte_width) for f in cached]
-    arrays = [pa.Array.from_buffers(f.type, num_rows, [None, pa.py_buffer(c)]) for f, c in zip(cached, columns)]
-    return BufferRows(pa.RecordBatch.from_arrays(arrays, schema=cached), plan), columns
-
-
 def stream_buffers(source: CacheSource, plan: StreamPlan, context,
                   hold: Callable[[BufferRows], BufferRows] = lambda buffer: buffer) -> Iterator[BufferRows]:
     """This consumer's rows of each buffer from the cursor on, each handed out while it is filled;
@@ -111,6 +119,7 @@ def stream_buffers(source: CacheSource, plan: StreamPlan, context,
     every buffer (the stream's lease, which can release them)."""
     stop = threading.Event()
     todo = pending_buffers(source, plan, stop)
+    blocks = ReusedBlocks(keep=BUFFERS_HELD * len(plan.schema))
     reader = ThreadPoolExecutor(1, thread_name_prefix="actserve-read")
     copiers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="actserve-copy")
 
@@ -125,8 +134,8 @@ def stream_buffers(source: CacheSource, plan: StreamPlan, context,
         if item is None:
             return None
         shards, buffer, offset = item
-        rows, columns = empty_buffer(plan, buffer.num_rows - offset)
-        hold(rows)
+        rows = hold(BufferRows(plan, buffer.num_rows - offset))  # the lease lets go of the one before the last first,
+        columns = rows.allocate(blocks)                           # so that its memory can serve this one
         reader.submit(fill, shards, buffer, offset, rows, columns)  # runs before the next read_next
         return rows
 

@@ -13,6 +13,7 @@ import pytest
 
 from actserve.proto.stream_pb2 import CacheList, HealthResult, ServerStats, StreamRequest
 from actserve.services.manifest import read_manifest
+from actserve.services.process_memory import ReusedBlocks
 from actserve.services.stream_plan import stream_memory
 from actserve.services.serve_options import ServeOptions
 from actserve.testing import SyntheticSpec, write_synthetic_cache
@@ -225,3 +226,29 @@ def test_freed_receive_buffers_are_reused_not_faulted_in_again():
               for mode in ("default", "keep")}
     pages = 4 * 4 * (6 << 20) // 4096  # touched after two rounds, on each kind of thread
     assert max(faults["keep"]) < 0.02 * pages < min(faults["default"]), faults
+
+
+def test_stream_buffer_memory_is_reused_only_once_nothing_views_it():
+    """ReusedBlocks: a block serves a later buffer once its array and every Arrow buffer (a batch
+    in flight, a tensor a trainer holds) exported from it are gone, never sooner; free blocks the
+    next buffer does not take are let go, so the pool holds what the stream uses."""
+    def address(array):
+        return array.__array_interface__["data"][0]
+
+    blocks = ReusedBlocks(keep=4)  # two buffers of two columns
+    first = blocks.take(1000, [64, 8])
+    first[0][:] = 7
+    second = blocks.take(1000, [64, 8])
+    assert len({address(a) for a in first + second}) == 4  # the first is still alive
+    wide, narrow = address(second[0]), {address(first[1]), address(second[1])}
+    batch = pa.py_buffer(first[0]).slice(64, 64)  # a zero-copy slice, as a batch of a buffer is
+    del first, second
+    third = blocks.take(990, [64, 8])  # the first's wide block is viewed by the batch: not taken
+    assert address(third[0]) == wide and address(third[1]) in narrow
+    assert bytes(batch) == bytes([7]) * 64
+    assert len(blocks.blocks) == 3  # the first's block the batch views, the third's two; the first's other is let go
+    del third, batch
+    fourth = blocks.take(1000, [64, 8])
+    assert all(a.flags.writeable and a.shape == (1000, w) for a, w in zip(fourth, [64, 8]))
+    blocks.release()
+    assert blocks.blocks == [] and blocks.take(10, [8]) and blocks.blocks == []
