@@ -5,6 +5,9 @@
     `read_from` (the same batches cut in the client's process, no socket);
   * 4 concurrent streams (4 client processes, one server process) aggregate vs one stream;
   * client cost per batch: Flight record batch -> torch tensors vs torch.from_numpy of the same bytes;
+  * CPU seconds per GB (user + system) of one stream, server and client process, vs pyarrow's read:
+    client and server share the machine's cores, so a stream over Flight cannot pass
+    cores / (its CPU seconds per GB) GB/s;
   * CUDA: one stream to a CUDA device, when there is one.
 
 The cache is synthetic and GPT-2-small-shaped: d_model 768, 4 hooks, float16, context 128; every
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import statistics
 import time
 from pathlib import Path
@@ -179,6 +183,19 @@ def client_cost(location: str) -> tuple[float, float]:
     return ours * 1e6, plain * 1e6
 
 
+def cpu_seconds(pid: int | str = "self") -> float:
+    """User + system CPU seconds of a process so far, all its threads (Linux: /proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_per_gb(server_pid: int, run, gb: float) -> tuple[float, float]:
+    """CPU seconds per GB of (the server, this process) while `run()` reads EPOCHS epochs of gb."""
+    server, client = cpu_seconds(server_pid), cpu_seconds()
+    run()
+    return (cpu_seconds(server_pid) - server) / (gb * EPOCHS), (cpu_seconds() - client) / (gb * EPOCHS)
+
+
 def line(what: str, value: float, unit: str, ref_what: str, ref: float, higher_is_better: bool = True) -> None:
     """One figure, its reference (same unit) and the ratio (> 1: better than the reference)."""
     ratio = value / ref if higher_is_better else ref / value
@@ -232,6 +249,13 @@ def main() -> None:
         direct_warm = statistics.median([time_stream(location, read_from=url) for _ in range(args.repeat + 1)][1:])
         line("read_from, runs back to back", tokens / direct_warm / 1e3, "k tok/s", "pyarrow read, back to back",
              tokens / ref_warm / 1e3)
+        if Path("/proc/self/stat").exists():
+            _, reading = cpu_per_gb(proc.pid, lambda: time_pyarrow(url), gb)
+            server, client = cpu_per_gb(proc.pid, lambda: time_stream(location), gb)
+            print(f"CPU seconds per GB, user + system (lower is better; the stream's: server {server:.2f} + client "
+                  f"{client:.2f}; {os.cpu_count()} cores bound it at {os.cpu_count() / (server + client):.2f} GB/s)")
+            line("stream over Flight, both processes", server + client, "s/GB", "pyarrow read", reading,
+                 higher_is_better=False)
         raw = statistics.median(time_raw_flight(location) for _ in range(args.repeat))
         line("same stream, bare pyarrow.flight", gb / raw, "GB/s", "pyarrow read GB/s", gb / ref_s)
         ceiling = transport_ceiling(tokens, args.repeat)
