@@ -8,6 +8,7 @@ import ctypes
 import functools
 import platform
 import sys
+import threading
 import time
 import weakref
 from operator import attrgetter
@@ -92,10 +93,12 @@ class ReusedBlocks:
         self.keep = keep
         self.blocks: list[tuple[pa.Buffer, weakref.ref]] = []  # (memory, its last array), oldest first
         self.released = False
+        self.lock = threading.Lock()  # between take's last step and release
 
     def release(self) -> None:
         """Keep no block from now on: each goes once nothing views it."""
-        self.released, self.blocks = True, []
+        with self.lock:
+            self.released, self.blocks = True, []
 
     def take(self, rows: int, widths: list[int]) -> list[np.ndarray]:
         """One buffer's columns: a [rows, width] array for each width."""
@@ -113,7 +116,8 @@ class ReusedBlocks:
         arrays = [np.frombuffer(m, np.uint8, count=n).reshape(rows, width) for m, n, width in zip(memory, sizes, widths)]
         busy = [(m, user) for m, user in blocks if user() is not None]
         handed = [(m, weakref.ref(array)) for m, array in zip(memory, arrays)]
-        self.blocks = [] if self.released else [*busy[len(busy) - max(self.keep - len(handed), 0):], *handed]
+        with self.lock:
+            self.blocks = [] if self.released else [*busy[len(busy) - max(self.keep - len(handed), 0):], *handed]
         return arrays
 
 
