@@ -97,11 +97,11 @@ class BufferRows:
         with self.changed:
             while self.filled < stop and self.error is None and self.released is None:
                 self.changed.wait()
-            rows, error = self.rows, self.error
+            rows, error, released = self.rows, self.error, self.released
         if error is not None:
             raise error
-        if self.released is not None:
-            raise StreamEnded(self.released)
+        if released is not None:
+            raise StreamEnded(released)
         batch = rows.slice(start, stop - start)
         plan = self.plan
         if plan.request.dtype == plan.cache_dtype:
