@@ -1,10 +1,13 @@
 """Trainer and evaluator benchmarks (issues 5 and 6). Each figure prints next to its reference.
 
   1. one trainer: fraction of time waiting for data and tokens/s, fed by the server vs from tensors
-     already in memory (same hook, same SAE, same tokens);
+     already in memory (same hook, same SAE, same tokens), with 1 torch thread (as the demo's
+     trainers run: Ray tasks of 1 CPU) and with every core;
   2. K concurrent trainers (Ray tasks, as the demo runs them; `--trainers`, default one per hook,
      hooks taken in turn): tokens trained per second summed over all trainers, fed by one server vs
      each from in-memory tensors;
+     (1) and (2) are measured over Flight and, as a trainer on the server's node can read, with
+     `read_from` (the server plans the stream, the trainer cuts the batches from the shards);
   3. evaluator: logits from the cached activations with `start_at_layer` vs the full forward with a
      replacement hook, for the first and the last layer's hook.
 
@@ -67,31 +70,36 @@ def gpt2_small_cache(directory: str) -> str:
     return url
 
 
-def options(hook: str, out: Path, tokens: int, args, seed: int = 0) -> TrainOptions:
+def options(hook: str, out: Path, tokens: int, args, seed: int = 0, read_from: str = "") -> TrainOptions:
     return TrainOptions(hook=hook, out=str(out), tokens=tokens, expansions=(args.expansion,), batch_size=args.batch_size,
                         l1_coefficients=(1e-3,), lr_warmup_steps=10, log_every=10**9, checkpoint_every=10**12,
-                        seed=seed)
+                        seed=seed, read_from=read_from)
 
 
-def one_trainer(server: str, url: str, manifest, hook: str, args, work: Path):
+def one_trainer(server: str, url: str, manifest, hook: str, args, work: Path, threads: int):
+    torch.set_num_threads(threads)
     source = in_memory(url, manifest, hook, args.tokens)
-    served, memory = [], []
+    runs = {"Flight": [], "read_from": [], "in memory": []}
     for r in range(args.rounds):  # interleaved rounds, medians
-        train_from_server(options(hook, work / f"served-{r}", args.tokens, args), server, url, progress=False)
-        served.append(last_record(work / f"served-{r}"))
-        train(options(hook, work / f"memory-{r}", args.tokens, args), TensorBatches(source, hook, args.batch_size),
-              manifest.d_model, manifest.stats[hook], progress=False)
-        memory.append(last_record(work / f"memory-{r}"))
+        for path, read_from in (("Flight", ""), ("read_from", url)):
+            out = work / f"{threads}-{path}-{r}"
+            train_from_server(options(hook, out, args.tokens, args, read_from=read_from), server, url, progress=False)
+            runs[path].append(last_record(out))
+        out = work / f"{threads}-memory-{r}"
+        train(options(hook, out, args.tokens, args), TensorBatches(source, hook, args.batch_size), manifest.d_model,
+              manifest.stats[hook], progress=False)
+        runs["in memory"].append(last_record(out))
 
-    def median(records, key):
-        return statistics.median(r[key] for r in records)
+    def median(path, key):
+        return statistics.median(r[key] for r in runs[path])
 
     print(f"one trainer ({hook}, d_sae {manifest.d_model * args.expansion}, batch {args.batch_size}, "
-          f"median of {args.rounds}):")
-    print(f"  data wait  served {median(served, 'data_wait_fraction'):6.1%}   "
-          f"in memory {median(memory, 'data_wait_fraction'):6.1%}")
-    a, b = median(served, "tokens_per_s"), median(memory, "tokens_per_s")
-    print(f"  tokens/s   served {a:9,.0f}   in memory {b:9,.0f}   ratio {a / b:.2f}")
+          f"{threads} torch thread{'s' if threads > 1 else ''}, median of {args.rounds}):")
+    for path in ("Flight", "read_from"):
+        a, b = median(path, "tokens_per_s"), median("in memory", "tokens_per_s")
+        print(f"  {path:<9} data wait {median(path, 'data_wait_fraction'):6.1%} (in memory "
+              f"{median('in memory', 'data_wait_fraction'):6.1%})   tokens/s {a:9,.0f}   in memory {b:9,.0f}   "
+              f"ratio {a / b:.2f}")
 
 
 def concurrent_trainers(server: str, url: str, manifest, args, work: Path):
@@ -100,9 +108,9 @@ def concurrent_trainers(server: str, url: str, manifest, args, work: Path):
     count = args.trainers or len(manifest.config.hooks)
     hooks = [manifest.config.hooks[i % len(manifest.config.hooks)] for i in range(count)]  # trainer i's hook
 
-    def from_server(i):
-        train_from_server(options(hooks[i], work / "c-served" / str(i), args.tokens, args, seed=i), server, url,
-                          progress=False)
+    def from_server(i, read_from):
+        train_from_server(options(hooks[i], work / "c-served" / str(i), args.tokens, args, seed=i, read_from=read_from),
+                          server, url, progress=False)
 
     def from_memory(i, acts):
         train(options(hooks[i], work / "c-memory" / str(i), args.tokens, args, seed=i),
@@ -113,18 +121,21 @@ def concurrent_trainers(server: str, url: str, manifest, args, work: Path):
     task_served, task_memory = ray.remote(num_cpus=share)(from_server), ray.remote(num_cpus=share)(from_memory)
     data = {h: ray.put(in_memory(url, manifest, h, args.tokens)) for h in set(hooks)}
     ray.get([task_memory.remote(i, data[hooks[i]]) for i in range(count)])  # warm the workers' imports
-    served, memory = [], []
+    seconds = {"Flight": [], "read_from": [], "in memory": []}
     for _ in range(args.rounds):  # interleaved rounds, medians
-        t0 = time.perf_counter()
-        ray.get([task_served.remote(i) for i in range(count)])
-        served.append(time.perf_counter() - t0)
+        for path, read_from in (("Flight", ""), ("read_from", url)):
+            t0 = time.perf_counter()
+            ray.get([task_served.remote(i, read_from) for i in range(count)])
+            seconds[path].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         ray.get([task_memory.remote(i, data[hooks[i]]) for i in range(count)])
-        memory.append(time.perf_counter() - t0)
-    served_s, memory_s = statistics.median(served), statistics.median(memory)
+        seconds["in memory"].append(time.perf_counter() - t0)
+    memory_s = statistics.median(seconds["in memory"])
     total = args.tokens * count
-    print(f"{count} concurrent trainers, one server: {total / served_s:9,.0f} tok/s summed   "
-          f"in memory {total / memory_s:9,.0f} tok/s   ratio {memory_s / served_s:.2f}   (median of {args.rounds})")
+    for path in ("Flight", "read_from"):
+        served_s = statistics.median(seconds[path])
+        print(f"{count} concurrent trainers, one server, {path:<9}: {total / served_s:9,.0f} tok/s summed   "
+              f"in memory {total / memory_s:9,.0f} tok/s   ratio {memory_s / served_s:.2f}   (median of {args.rounds})")
 
 
 @torch.no_grad()
@@ -181,7 +192,9 @@ def main():
     print(f"torch threads {torch.get_num_threads()}, cache {args.cache}: {len(manifest.config.hooks)} hooks, d_model {manifest.d_model}")
     try:
         with tempfile.TemporaryDirectory() as work:
-            one_trainer(server, args.cache, manifest, manifest.config.hooks[-1], args, Path(work))
+            # 1 thread: a demo trainer's (a Ray task of 1 CPU gets OMP_NUM_THREADS=1); and every core
+            for threads in sorted({1, torch.get_num_threads()}):
+                one_trainer(server, args.cache, manifest, manifest.config.hooks[-1], args, Path(work), threads)
             if not args.gpt2_small:
                 concurrent_trainers(server, args.cache, manifest, args, Path(work))
         if not args.gpt2_small:  # the synthetic cache has no model to evaluate with
