@@ -43,7 +43,8 @@ def served_order(server: str, url: str, hook: str, tokens: int, batch_size: int,
     """The first `tokens` activations a trainer of `hook` with this seed and batch size is served,
     as float32 in memory: the reference trainer gets the same activations in the same order. (The
     order changes what the SAE learns and so what a step costs: fed the split in sequence order,
-    the same trainer ends at L0 414 instead of 1,053 and runs 10-20% faster.)"""
+    the same trainer ends at L0 ~400 instead of ~1,050, and `count_nonzero`, whose cost grows with
+    the nonzeros, takes 6.7 instead of 13.7 ms a step: it ran 5-23% faster.)"""
     stream = ActivationStream(server, cache=url, hooks=[hook], batch_size=batch_size, seed=seed, epochs=None,
                               drop_bos=True)
     parts, have = [], 0
