@@ -2,8 +2,8 @@
 
   1. one trainer: fraction of time waiting for data and tokens/s, fed by the server vs from tensors
      already in memory (same hook, same SAE, the same activations in the order the server sends
-     them, fetched from it before the runs), with 1 torch thread (as the demo's
-     trainers run: Ray tasks of 1 CPU) and with every core;
+     them, fetched from it before the runs), with 1 torch thread (as the demo's trainers run: Ray
+     tasks of 1 CPU) and with every core;
   2. K concurrent trainers (Ray tasks, as the demo runs them; `--trainers`, default one per hook,
      hooks taken in turn): tokens trained per second summed over all trainers, fed by one server vs
      each from in-memory tensors of its own stream's order;
