@@ -81,9 +81,8 @@ def options(hook: str, out: Path, tokens: int, args, seed: int = 0, read_from: s
                         seed=seed, read_from=read_from)
 
 
-def one_trainer(server: str, url: str, manifest, hook: str, args, work: Path, threads: int):
+def one_trainer(server: str, url: str, manifest, hook: str, source: torch.Tensor, args, work: Path, threads: int):
     torch.set_num_threads(threads)
-    source = served_order(server, url, hook, args.tokens, args.batch_size, seed=0)
     runs = {"Flight": [], "read_from": [], "in memory": []}
     for r in range(args.rounds):  # interleaved rounds, medians
         for path, read_from in (("Flight", ""), ("read_from", url)):
@@ -197,9 +196,11 @@ def main():
     print(f"torch threads {torch.get_num_threads()}, cache {args.cache}: {len(manifest.config.hooks)} hooks, d_model {manifest.d_model}")
     try:
         with tempfile.TemporaryDirectory() as work:
+            hook = manifest.config.hooks[-1]
+            source = served_order(server, args.cache, hook, args.tokens, args.batch_size, seed=0)
             # 1 thread: a demo trainer's (a Ray task of 1 CPU gets OMP_NUM_THREADS=1); and every core
             for threads in sorted({1, torch.get_num_threads()}):
-                one_trainer(server, args.cache, manifest, manifest.config.hooks[-1], args, Path(work), threads)
+                one_trainer(server, args.cache, manifest, hook, source, args, Path(work), threads)
             if not args.gpt2_small:
                 concurrent_trainers(server, args.cache, manifest, args, Path(work))
         if not args.gpt2_small:  # the synthetic cache has no model to evaluate with
