@@ -39,10 +39,10 @@ import torch
 from actserve.proto.manifest_pb2 import HookStats, Manifest
 from actserve.proto.stream_pb2 import CacheList, ListCachesRequest, ServerStats, StreamRequest
 from actserve.services.block_reader import cut_batches, stream_buffers
-from actserve.services.process_memory import keep_freed_heap_memory
+from actserve.services.process_memory import REUSE_WAIT, ReusedBlocks, keep_freed_heap_memory
 from actserve.services.shard_format import META_COLUMNS, decode_activations
 from actserve.services.sources import CacheSource
-from actserve.services.stream_plan import StreamLimits, plan_stream
+from actserve.services.stream_plan import BUFFERS_HELD, StreamLimits, plan_stream
 
 MODES = {"shuffled": StreamRequest.SHUFFLED_TOKENS, "sequences": StreamRequest.SEQUENCES}
 META_DTYPES = {"sequence": torch.int64, "position": torch.int32, "token": torch.int32}
@@ -349,7 +349,8 @@ class ActivationStream:
         limits = StreamLimits(max_batch_size=request.batch_size, buffer_tokens=request.buffer_tokens,
                               max_buffer_tokens=request.buffer_tokens, stream_memory_bytes=1 << 62)
         plan = plan_stream(request, self._direct.manifest(), self.options.cache, limits)
-        yield from cut_batches(stream_buffers(self._direct, plan, StopFlag(self._stop)), request.batch_size)
+        blocks = ReusedBlocks(plan.memory.block_bytes, BUFFERS_HELD, wait=REUSE_WAIT)  # the trainer may keep batches
+        yield from cut_batches(stream_buffers(self._direct, plan, StopFlag(self._stop), blocks), request.batch_size)
 
     def _tensors(self, batch: pa.RecordBatch) -> dict[str, torch.Tensor]:
         tensors = batch_to_tensors(batch)

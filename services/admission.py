@@ -2,21 +2,28 @@
 budget, and a stream whose client stops reading ended after an idle timeout.
 
 A stream reserves its whole footprint when it starts (stream_plan.StreamMemory: its buffer slices,
-the shard and row indices it reads into the next, its batches in flight) and gives it back when its
-call is over, so the sum of reservations bounds what all streams allocate together. A stream
-beyond a limit is refused at once with a RESOURCE_EXHAUSTED error naming the limit; nothing waits
-for memory. The budget does not cover the process's memory before any stream (interpreter,
-libraries, manifests: ServerStats.rss_anon_baseline_bytes) nor the page cache of memory-mapped
-shards (RssFile, which the kernel drops under pressure).
+the shard and row indices it reads into the next, its batches in flight), and is admitted only if
+that fits in what the budget has left. Its buffers' memory is counted until it is freed, not until
+the stream ends: each block (process_memory.ReusedBlocks) tells its lease when it is allocated
+and freed, and an ended stream goes on counting the blocks still alive (a batch gRPC is still
+sending, or holds after the call, is a view of one). So `held` is at least what the streams'
+buffers hold, and never rises above what was admitted: a running stream's blocks stay within its
+reservation, an ended stream's only get freed. A stream beyond a limit is refused at once with a
+RESOURCE_EXHAUSTED error naming the limit; nothing waits for memory. The budget does not cover
+the process's memory before any stream (interpreter, libraries, manifests:
+ServerStats.rss_anon_baseline_bytes), gRPC's own buffers, the page cache of memory-mapped shards
+(RssFile, which the kernel drops under pressure), nor a remote shard an ended stream's reader
+thread is still decoding.
 
 Idle means: the stream's generator sits at a `yield` (its batch handed to Flight) and Flight has
 not asked for the next one, because the client stopped reading and gRPC's flow control holds the
 writer. A stream still reading shards, or waiting for a build to commit, is not idle. The watchdog
-ends an idle stream: it drops its buffers, gives back its slot and the reservation of all but what
-the blocked write still holds (StreamMemory.pinned: the batch gRPC holds is a view of the buffer
-being sent); that rest comes back when the call is over, at the client's next read (which fails
-with the reason) or when its connection closes. gRPC gives a server no way to abort a write its
-client does not read, so a client that stays connected and never reads keeps that much.
+ends an idle stream: it drops its buffers and gives back its slot and the reservation of all but
+its blocks still alive (the batch the blocked write holds views one) and its batches in flight;
+the batches come back when the call is over, at the client's next read (which fails with the
+reason) or when its connection closes, the blocks as they are freed. gRPC gives a server no way to
+abort a write its client does not read, so a client that stays connected and never reads keeps
+that much.
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ import time
 import weakref
 
 from actserve.services.process_memory import resident_memory
+from actserve.services.stream_plan import StreamMemory
 
 
 class StreamEnded(Exception):
@@ -36,14 +44,31 @@ def resource_exhausted(message: str) -> str:
 
 
 class StreamLease:
-    """One admitted stream: its reservation, the buffers it holds, and when it last waited for Flight."""
+    """One admitted stream: what it counts against the budget, the buffers it holds, and when it
+    last waited for Flight. It counts its whole reservation while it runs (its blocks are within
+    it); once ended, its blocks still alive, plus its batches in flight until its call is over."""
 
-    def __init__(self, admission: Admission, memory_bytes: int, pinned_bytes: int):
-        self.admission, self.memory_bytes, self.pinned_bytes = admission, memory_bytes, pinned_bytes
+    def __init__(self, admission: Admission, memory: StreamMemory):
+        self.admission, self.memory = admission, memory
+        self.counted = memory.total     # what `admission.held` has of it now
+        self.block_bytes = 0            # of its buffers' blocks alive
         self.buffers: list = []         # objects with .release(reason), dropped when the stream ends
         self.waiting_since: float | None = None
         self.ended_reason: str | None = None
+        self.call_over = False
         self.lock = threading.Lock()
+
+    def charge(self) -> int:
+        """What it counts against the budget now."""
+        if self.ended_reason is None:
+            return self.memory.total - self.memory.buffers + max(self.memory.buffers, self.block_bytes)
+        return self.block_bytes + (0 if self.call_over else self.memory.batches)
+
+    def blocks_changed(self, delta: int) -> None:
+        """A block of its buffers was allocated (+bytes) or freed (-bytes): ReusedBlocks's `counted`."""
+        with self.admission.lock:
+            self.block_bytes += delta
+            self.admission.recount(self)
 
     def hold(self, buffer):
         """Track a buffer so that ending the stream frees it; returns it. A stream sends one buffer
@@ -64,8 +89,8 @@ class StreamLease:
             raise StreamEnded(self.ended_reason)
 
     def end(self, reason: str | None = None) -> bool:
-        """End the stream (once): drop its buffers, give back its slot and its reservation but for
-        `pinned_bytes`, which its call may go on holding until `finish`. False when it had already ended."""
+        """End the stream (once): drop its buffers, give back its slot and what `charge` no longer
+        counts. False when it had already ended."""
         with self.lock:
             if self.ended_reason is not None:
                 return False
@@ -73,16 +98,14 @@ class StreamLease:
             buffers, self.buffers = self.buffers, []
         for buffer in buffers:
             buffer.release(self.ended_reason)
-        self.admission.release(self, self.memory_bytes - self.pinned_bytes, ended=True)
+        self.admission.ended(self)
         return True
 
     def finish(self) -> None:
-        """The stream's call is over: end the stream if it has not ended, and give back the rest."""
+        """The stream's call is over: end the stream if it has not ended, and give back its batches."""
         self.end()
-        with self.lock:
-            pinned, self.pinned_bytes = self.pinned_bytes, 0
-        if pinned:
-            self.admission.release(self, pinned, ended=False)
+        self.call_over = True
+        self.admission.recount(self)
 
     def __del__(self):  # a stream whose generator never started still gives its reservation back
         self.finish()
@@ -99,35 +122,41 @@ class Admission:
         self.watchdog = threading.Thread(target=self._watch, name="actserve-idle-watchdog", daemon=True)
         self.watchdog.start()
 
-    def admit(self, memory_bytes: int, pinned_bytes: int) -> StreamLease:
-        """A lease for a new stream (StreamMemory's total and pinned bytes), or ResourceWarning
-        (RESOURCE_EXHAUSTED text) naming the limit."""
+    def admit(self, memory: StreamMemory) -> StreamLease:
+        """A lease for a new stream, or ResourceWarning (RESOURCE_EXHAUSTED text) naming the limit."""
         with self.lock:
             if self.active >= self.max_streams:
                 self.refused += 1
                 raise ResourceWarning(resource_exhausted(
                     f"this server already runs {self.active} streams, its limit (--max-streams "
                     f"{self.max_streams}); retry later or use another server"))
-            if self.held + memory_bytes > self.memory_budget:
+            if self.held + memory.total > self.memory_budget:
                 self.refused += 1
                 raise ResourceWarning(resource_exhausted(
-                    f"this stream needs {memory_bytes / 1e6:,.1f} MB of server memory and the streams running "
+                    f"this stream needs {memory.total / 1e6:,.1f} MB of server memory and the streams "
                     f"hold {self.held / 1e6:,.1f} MB of this server's {self.memory_budget / 1e6:,.1f} MB "
                     "(--memory-budget-gb); retry later, or ask for fewer hooks, buffer_tokens or batch_size"))
-            lease = StreamLease(self, memory_bytes, pinned_bytes)
+            lease = StreamLease(self, memory)
             self.leases.add(lease)
             self.active += 1
-            self.held += memory_bytes
+            self.held += lease.counted
             self.peak = max(self.peak, self.held)
             return lease
 
-    def release(self, lease: StreamLease, memory_bytes: int, ended: bool) -> None:
-        """Give back part of a lease's reservation; `ended`: the stream's slot too (once per lease)."""
+    def recount(self, lease: StreamLease) -> None:
+        """Bring `held` up to date with what the lease counts now."""
         with self.lock:
-            self.held -= memory_bytes
-            if ended:
-                self.leases.discard(lease)
-                self.active -= 1
+            charge = lease.charge()
+            self.held += charge - lease.counted
+            lease.counted = charge
+            self.peak = max(self.peak, self.held)
+
+    def ended(self, lease: StreamLease) -> None:
+        """The lease's stream ended: its slot is free (once per lease)."""
+        with self.lock:
+            self.leases.discard(lease)
+            self.active -= 1
+            self.recount(lease)
 
     def _watch(self) -> None:
         period = min(1.0, self.idle_timeout / 4)

@@ -31,11 +31,11 @@ import pyarrow as pa
 from actserve.services.admission import StreamEnded
 from actserve.services.column_pages import Page, ShardPages
 from actserve.services.manifest import split_complete
-from actserve.services.process_memory import ReusedBlocks
-from actserve.services.shard_format import META_COLUMNS, decode_activations, encode_activations, shard_schema
+from actserve.services.process_memory import BlocksReleased, ReusedBlocks
+from actserve.services.shard_format import META_COLUMNS, decode_activations, encode_activations
 from actserve.services.shuffle import Buffer, epoch_slices, locate, make_buffer, row_indices
 from actserve.services.sources import CacheSource
-from actserve.services.stream_plan import BUFFERS_HELD, StreamPlan
+from actserve.services.stream_plan import StreamPlan
 
 FOLLOW_POLL = (0.05, 2.0)  # seconds: first and longest wait between manifest polls in follow mode
 CANCEL_CHECK = 1.0  # seconds between checks that the client of a waiting stream is still there
@@ -58,10 +58,11 @@ class BufferRows:
 
     def allocate(self, blocks: ReusedBlocks) -> list[np.ndarray]:
         """Its memory, from `blocks`: its columns as [rows, bytes per row] arrays to fill."""
-        plan = self.plan
-        full = shard_schema(list(plan.request.hooks), plan.d_model, plan.cache_dtype)  # columns as the shards hold them
-        cached = pa.schema([full.field(name) for name in plan.schema.names])
-        columns = blocks.take(self.num_rows, [f.type.byte_width for f in cached])
+        cached = self.plan.buffer_schema
+        try:
+            columns = blocks.take(self.num_rows, [f.type.byte_width for f in cached])
+        except BlocksReleased:
+            raise StreamEnded(self.released or "the stream ended") from None
         arrays = [pa.Array.from_buffers(f.type, self.num_rows, [None, pa.py_buffer(c)]) for f, c in zip(cached, columns)]
         with self.changed:
             released = self.released is not None
@@ -112,14 +113,13 @@ class BufferRows:
         return pa.RecordBatch.from_arrays(columns, schema=plan.schema)
 
 
-def stream_buffers(source: CacheSource, plan: StreamPlan, context,
-                  hold: Callable[[BufferRows], BufferRows] = lambda buffer: buffer) -> Iterator[BufferRows]:
-    """This consumer's rows of each buffer from the cursor on, each handed out while it is filled;
-    the next buffer is filled on the stream's reader thread while this one is sent. `hold` sees
-    every buffer (the stream's lease, which can release them)."""
+def stream_buffers(source: CacheSource, plan: StreamPlan, context, blocks: ReusedBlocks,
+                   hold: Callable[[BufferRows], BufferRows] = lambda buffer: buffer) -> Iterator[BufferRows]:
+    """This consumer's rows of each buffer from the cursor on, each handed out while it is filled,
+    in memory from `blocks`; the next buffer is filled on the stream's reader thread while this one
+    is sent. `hold` sees every buffer (the stream's lease, which can release them)."""
     stop = threading.Event()
     todo = pending_buffers(source, plan, stop)
-    blocks = ReusedBlocks(keep=BUFFERS_HELD * len(plan.schema))
     reader = ThreadPoolExecutor(1, thread_name_prefix="actserve-read")
     copiers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="actserve-copy")
 
@@ -276,7 +276,8 @@ def result_unless_cancelled(future: Future, context) -> BufferRows | None:
 
 def cut_batches(buffers: Iterator[BufferRows], batch_size: int) -> Iterator[pa.RecordBatch]:
     """Batches of exactly batch_size rows (the last may be short) out of buffers of any size; a
-    batch that spans buffers is sliced from each and concatenated."""
+    batch that spans buffers is sliced from each and concatenated (its rows of a buffer copied
+    once that buffer is done)."""
     pieces: list[pa.RecordBatch] = []
     rows = 0
     for buffer in buffers:
@@ -289,6 +290,8 @@ def cut_batches(buffers: Iterator[BufferRows], batch_size: int) -> Iterator[pa.R
             if rows == batch_size:
                 yield joined(pieces)
                 pieces, rows = [], 0
+        if pieces:  # copied: a view would keep this buffer's block from serving the buffer after next
+            pieces = [pa.concat_batches(pieces)]
     if pieces:
         yield joined(pieces)
 

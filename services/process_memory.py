@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 import weakref
-from operator import attrgetter
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -23,7 +23,7 @@ MADV_HUGEPAGE = 14
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
 HEAP_MMAP_THRESHOLD = 32 << 20  # allocations below this come from the heap (glibc's dynamic maximum)
 HEAP_TRIM_THRESHOLD = 128 << 20  # free memory at the heap's top kept up to this
-REUSE_WAIT, REUSE_POLL = 0.05, 0.001  # seconds ReusedBlocks.take waits for a block in use, and between looks
+REUSE_WAIT, REUSE_POLL = 0.05, 0.001  # seconds a trainer process's ReusedBlocks waits for a block in use, and between looks
 LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 if LIBC is not None:
     LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -71,65 +71,94 @@ def allocate_huge_paged(nbytes: int) -> pa.Buffer:
     return buffer
 
 
+class BlocksReleased(Exception):
+    """The stream these blocks were for has ended: a `take` waiting for a block gives up."""
+
+
 class ReusedBlocks:
-    """Writable byte arrays for a stream's buffers, in memory reused once nothing made from it is alive.
+    """Memory for a stream's buffers: per column, blocks of one fixed size, at most `buffers` of
+    them alive at once, each reused once nothing made from it is alive.
 
     A stream's buffers are each filled once, sent and dropped. Allocated afresh, every buffer's
     pages are faulted in and zeroed by the kernel (in huge pages: ~19% of a server's CPU while it
     sends one GPT-2-width hook over Flight, `perf`), and the freed ones go back to the system
-    (the server's jemalloc purges at once, for the memory bound). Here a block of memory serves a
-    later buffer once the array it was last handed out as, and every Arrow buffer exported from
-    that array (`pa.py_buffer`: the batches gRPC is sending, the tensors a trainer holds), are
-    gone. The pool keeps the blocks still in use, at most `keep`, and the ones it hands out; a
-    free block the next buffer does not take is dropped, so a stream holds no more memory than
-    without the pool. When the pool is full and its blocks are not all free, `take` waits up to
-    REUSE_WAIT for them: a stream's next buffer is allocated as the sender starts on the previous
-    one, when the last batch of the one before that is usually still in flight for milliseconds.
-    Blocks come from pyarrow's pool (which counts them; glibc's malloc kept ~2x the live buffers
-    resident under many streams), rounded up to whole pages so that buffers of nearly one size
-    share them. One thread takes; `release` (the stream ended) may come from another."""
+    (the server's jemalloc purges at once, for the memory bound). Here a block serves a later
+    buffer once the array it was last handed out as, and every Arrow buffer exported from that
+    array (`pa.py_buffer`: the batches gRPC is sending, the tensors a trainer holds), are gone.
 
-    def __init__(self, keep: int):
-        self.keep = keep
-        self.blocks: list[tuple[pa.Buffer, weakref.ref]] = []  # (memory, its last array), oldest first
+    A block is alive from its allocation until it is freed, whether or not the pool still keeps
+    it: a batch gRPC sends after its stream has ended keeps its block alive. `counted` is told of
+    each allocation (+bytes) and free (-bytes), from whichever thread drops the last view, so
+    that a server counts every block against its budget until it is freed. When a column's
+    `buffers` blocks are all alive and in use, `take` waits for one: for as long as it takes when
+    `wait` is None (a server, where only its own sends view a buffer and they drain as the client
+    reads, so a stream's buffers never hold more than `buffers` blocks per column), else `wait`
+    seconds before it allocates one more (a reader in a trainer's process, whose trainer may keep
+    batches as long as it likes). Blocks come from pyarrow's pool (which counts them; glibc's
+    malloc kept ~2x the live buffers resident under many streams), in whole pages
+    (`rounded_up`). One thread takes; `release` (the stream ended) may come from another."""
+
+    def __init__(self, block_bytes: list[int], buffers: int, wait: float | None,
+                 counted: Callable[[int], None] = lambda delta: None):
+        self.sizes = [rounded_up(max(n, 1)) for n in block_bytes]
+        self.buffers, self.wait, self.counted = buffers, wait, counted
+        self.kept: list[list[tuple[pa.Buffer, weakref.ref]]] = [[] for _ in self.sizes]  # (block, its last array)
+        self.alive = [0] * len(self.sizes)  # per column: blocks allocated and not yet freed
         self.released = False
-        self.lock = threading.Lock()  # between take's last step and release
+        self.lock = threading.RLock()  # re-entrant: a block freed while it is held updates `alive`
 
     def release(self) -> None:
-        """Keep no block from now on: each goes once nothing views it."""
+        """Keep no block from now on: each is freed once nothing views it; a waiting `take` raises BlocksReleased."""
         with self.lock:
-            self.released, self.blocks = True, []
+            self.released, kept = True, self.kept
+            self.kept = [[] for _ in self.sizes]
+        del kept  # outside the lock: dropping the last reference frees a block, whose finalizer takes it
 
     def take(self, rows: int, widths: list[int]) -> list[np.ndarray]:
-        """One buffer's columns: a [rows, width] array for each width."""
-        sizes = [rows * width for width in widths]
-        deadline = time.monotonic() + REUSE_WAIT
-        while True:
-            blocks = self.blocks
-            free = [memory for memory, user in blocks if user() is None]
-            chosen = best_fits(free, sizes)
-            if (all(m is not None for m in chosen) or len(free) == len(blocks) or len(blocks) < self.keep
-                    or time.monotonic() > deadline):
-                break
-            time.sleep(REUSE_POLL)
-        memory = [m if m is not None else allocate_huge_paged(rounded_up(max(n, 1))) for m, n in zip(chosen, sizes)]
-        arrays = [np.frombuffer(m, np.uint8, count=n).reshape(rows, width) for m, n, width in zip(memory, sizes, widths)]
-        busy = [(m, user) for m, user in blocks if user() is not None]
-        handed = [(m, weakref.ref(array)) for m, array in zip(memory, arrays)]
+        """One buffer's columns: a [rows, width] array for each column's width."""
+        memory = [self._block(column, rows * width) for column, width in enumerate(widths)]
+        arrays = [np.frombuffer(m, np.uint8, count=rows * w).reshape(rows, w) for m, w in zip(memory, widths)]
         with self.lock:
-            self.blocks = [] if self.released else [*busy[len(busy) - max(self.keep - len(handed), 0):], *handed]
+            dropped, self.kept = self.kept, [[] if self.released else
+                                             [*((b, u) for b, u in kept if b is not m), (m, weakref.ref(a))][-self.buffers:]
+                                             for kept, m, a in zip(self.kept, memory, arrays)]
+        del dropped
         return arrays
 
+    def _block(self, column: int, nbytes: int) -> pa.Buffer:
+        """A free kept block of the column, or a new one once the column has fewer than `buffers` alive."""
+        if nbytes > self.sizes[column]:
+            raise ValueError(f"a buffer column of {nbytes:,} bytes is larger than its reserved block of "
+                             f"{self.sizes[column]:,} bytes")
+        deadline = None if self.wait is None else time.monotonic() + self.wait
+        while True:
+            with self.lock:
+                if self.released:
+                    raise BlocksReleased("the stream ended")
+                free = next((block for block, user in self.kept[column] if user() is None), None)
+                if free is not None:
+                    return free
+                if self.alive[column] < self.buffers or (deadline is not None and time.monotonic() > deadline):
+                    self.alive[column] += 1
+                    break
+            time.sleep(REUSE_POLL)
+        try:
+            block = allocate_huge_paged(self.sizes[column])
+        except BaseException:
+            with self.lock:
+                self.alive[column] -= 1
+            raise
+        self.counted(block.size)
+        weakref.finalize(block, block_freed, self.alive, column, block.size, self.lock, self.counted).atexit = False
+        return block
 
-def best_fits(free: list[pa.Buffer], sizes: list[int]) -> list[pa.Buffer | None]:
-    """For each size, the smallest free block that holds it (largest sizes served first), or None."""
-    free = sorted(free, key=attrgetter("size"))
-    chosen: list[pa.Buffer | None] = [None] * len(sizes)
-    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
-        j = next((j for j, memory in enumerate(free) if memory.size >= sizes[i]), None)
-        if j is not None:
-            chosen[i] = free.pop(j)
-    return chosen
+
+def block_freed(alive: list[int], column: int, nbytes: int, lock: threading.RLock, counted: Callable[[int], None]) -> None:
+    """A ReusedBlocks block's finalizer. It holds what it updates, not the pool, whose kept blocks
+    would otherwise keep the pool and so themselves alive."""
+    with lock:
+        alive[column] -= 1
+    counted(-nbytes)
 
 
 def rounded_up(nbytes: int) -> int:

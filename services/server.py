@@ -27,12 +27,12 @@ from actserve import __version__
 from actserve.proto.stream_pb2 import CacheList, HealthResult, ListCachesRequest, ServerStats, UnavailableCache
 from actserve.services.admission import Admission, StreamEnded, StreamLease
 from actserve.services.block_reader import cut_batches, stream_buffers
-from actserve.services.process_memory import resident_memory
+from actserve.services.process_memory import ReusedBlocks, resident_memory
 from actserve.services.serve_options import ServeOptions, parse_cache_spec
 from actserve.services.shard_cache import ShardCache
 from actserve.services.sources import CacheSource
 from actserve.services.storage import CacheError
-from actserve.services.stream_plan import StreamLimits, StreamPlan, decode_request, plan_stream
+from actserve.services.stream_plan import BUFFERS_HELD, StreamLimits, StreamPlan, decode_request, plan_stream
 
 VERSION = f"actserve {__version__}"
 log = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ class ActivationServer(flight.FlightServerBase):
     def do_get(self, context, ticket):
         with self.flight_errors():
             source, plan = self.plan(ticket.ticket)
-            lease = self.admission.admit(plan.memory.total, plan.memory.pinned)
+            lease = self.admission.admit(plan.memory)
         return flight.GeneratorStream(plan.schema, self.counted(source, plan, context, lease))
 
     def list_actions(self, context):
@@ -232,7 +232,9 @@ class ActivationServer(flight.FlightServerBase):
         ok = False
         try:
             with self.flight_errors():
-                for batch in cut_batches(stream_buffers(source, plan, context, lease.hold), plan.request.batch_size):
+                blocks = ReusedBlocks(plan.memory.block_bytes, BUFFERS_HELD, wait=None, counted=lease.blocks_changed)
+                buffers = stream_buffers(source, plan, context, blocks, lease.hold)
+                for batch in cut_batches(buffers, plan.request.batch_size):
                     self.stats.sent(batch.num_rows, plan.row_bytes)
                     lease.yielded()
                     yield batch

@@ -11,6 +11,7 @@ from google.protobuf.message import DecodeError
 from actserve.proto.manifest_pb2 import Manifest
 from actserve.proto.stream_pb2 import StreamRequest
 from actserve.services.manifest import SPLITS, split_complete
+from actserve.services.process_memory import rounded_up
 from actserve.services.shard_format import META_COLUMNS, bytes_per_value, shard_group_rows, shard_schema
 from actserve.services.shuffle import Order, consumer_rows
 
@@ -32,6 +33,7 @@ class StreamPlan:
     request: StreamRequest     # every default resolved: the ticket get_flight_info hands out
     order: Order
     schema: pa.Schema          # sent
+    buffer_schema: pa.Schema   # the same columns as a buffer holds them: in the cache's dtype
     cache_dtype: str           # of the shards; schema's dtype differs when the server converts to float32
     d_model: int
     row_bytes: int             # bytes of one sent row
@@ -49,21 +51,21 @@ INDEXES_PER_ROW = 4    # the rows read, their order, their destinations and the 
 @dataclass(frozen=True)
 class StreamMemory:
     """Bytes one stream holds at most, by what holds them."""
-    buffers: int   # BUFFERS_HELD of this consumer's slices of the largest buffer, requested columns, cache dtype
+    slice_rows: int                # the most rows of one buffer this consumer gets
+    block_bytes: tuple[int, ...]   # one slice's memory per requested column, in the cache's dtype, whole pages
     reading: int   # reading the next buffer: one remote shard's requested columns as Parquet decodes them (local
                    # shards are copied from their mapped pages, page cache: counted all the same), the row indices
     batches: int   # BATCHES_IN_FLIGHT batches, each sent rows plus the cache-dtype rows they are made of (a batch
                    # that spans two buffers is concatenated; float32 is converted from the cache's dtype)
 
     @property
-    def total(self) -> int:
-        return self.buffers + self.reading + self.batches
+    def buffers(self) -> int:
+        """BUFFERS_HELD slices' blocks (process_memory.ReusedBlocks holds no more)."""
+        return BUFFERS_HELD * sum(self.block_bytes)
 
     @property
-    def pinned(self) -> int:
-        """What a stream ended while its call still runs (the idle timeout) can go on holding until the
-        call returns: the slice being sent (the batch gRPC holds is a view of it) and the batches."""
-        return self.buffers // BUFFERS_HELD + self.batches
+    def total(self) -> int:
+        return self.buffers + self.reading + self.batches
 
     def describe(self) -> str:
         return (f"{self.total / 1e6:,.1f} MB ({self.buffers / 1e6:,.1f} MB of {BUFFERS_HELD} buffers, "
@@ -75,9 +77,10 @@ def group_rows(manifest: Manifest) -> int:
     return shard_group_rows(manifest.config, manifest.d_model)
 
 
-def cached_row_bytes(manifest: Manifest, hooks: list[str], include_meta: bool) -> int:
-    """Bytes of one row of the requested columns, in the cache's dtype."""
-    return len(hooks) * manifest.d_model * bytes_per_value(manifest.config.dtype) + (16 if include_meta else 0)
+def buffer_schema(manifest: Manifest, hooks: list[str], include_meta: bool) -> pa.Schema:
+    """The columns of a stream's buffer, as the shards hold them (the cache's dtype)."""
+    schema = shard_schema(hooks, manifest.d_model, manifest.config.dtype)
+    return schema if include_meta else pa.schema([f for f in schema if f.name not in META_COLUMNS])
 
 
 def sent_row_bytes(manifest: Manifest, hooks: list[str], include_meta: bool, dtype: str) -> int:
@@ -95,14 +98,19 @@ def largest_piece_rows(manifest: Manifest, split_name: str) -> int:
 
 
 def stream_memory(manifest: Manifest, split_name: str, hooks: list[str], include_meta: bool, buffer_tokens: int,
-                  num_consumers: int, batch_size: int, dtype: str = "") -> StreamMemory:
-    """What a stream of these columns, buffer and batch size holds at most (StreamMemory). The
-    largest buffer holds buffer_tokens plus one piece."""
-    buffer_rows = buffer_tokens + largest_piece_rows(manifest, split_name)
-    slice_rows = -(-buffer_rows // num_consumers)
-    row_bytes = cached_row_bytes(manifest, hooks, include_meta)
+                  num_consumers: int, batch_size: int, dtype: str = "", sequences: bool = False) -> StreamMemory:
+    """What a stream of these columns, buffer and batch size holds at most (StreamMemory). A buffer
+    holds under buffer_tokens plus one unit of pieces (shuffle.run_bounds): a piece, or in
+    `sequences` mode on a position-major cache a whole shard. A consumer gets its share of each
+    shuffled buffer, and in `sequences` mode up to a whole buffer (its range of sequences)."""
+    unit = largest_shard_rows if sequences and manifest.config.position_major else largest_piece_rows
+    buffer_rows = buffer_tokens + unit(manifest, split_name)
+    slice_rows = buffer_rows if sequences else -(-buffer_rows // num_consumers)
+    widths = [f.type.byte_width for f in buffer_schema(manifest, hooks, include_meta)]
+    row_bytes = sum(widths)
     return StreamMemory(
-        buffers=BUFFERS_HELD * slice_rows * row_bytes,
+        slice_rows=slice_rows,
+        block_bytes=tuple(rounded_up(slice_rows * width) for width in widths),
         reading=largest_shard_rows(manifest, split_name) * row_bytes
         + INDEX_BYTES * (buffer_rows + INDEXES_PER_ROW * slice_rows),
         batches=BATCHES_IN_FLIGHT * batch_size * (sent_row_bytes(manifest, hooks, include_meta, dtype) + row_bytes),
@@ -110,11 +118,12 @@ def stream_memory(manifest: Manifest, split_name: str, hooks: list[str], include
 
 
 def fitting_buffer_tokens(manifest: Manifest, split_name: str, hooks: list[str], include_meta: bool,
-                          num_consumers: int, batch_size: int, dtype: str, memory_bytes: int) -> int:
+                          num_consumers: int, batch_size: int, dtype: str, memory_bytes: int,
+                          sequences: bool = False) -> int:
     """The largest buffer_tokens whose stream_memory is within memory_bytes (0 if none is)."""
     def fits(tokens: int) -> bool:
         return stream_memory(manifest, split_name, hooks, include_meta, tokens, num_consumers, batch_size,
-                             dtype).total <= memory_bytes
+                             dtype, sequences).total <= memory_bytes
 
     lo, hi = 0, 1  # fits(lo) or lo == 0; not fits(hi)
     while fits(hi):
@@ -160,9 +169,11 @@ def plan_stream(request: StreamRequest, manifest: Manifest, cache_name: str, lim
     if request.dtype not in ("", config.dtype, "float32"):
         raise ValueError(f"dtype {request.dtype!r} is not served; ask for '' (the cache's {config.dtype}) or 'float32'")
     shape = (manifest, split_name, hooks, request.include_meta)
-    fits = fitting_buffer_tokens(*shape, num_consumers, request.batch_size, request.dtype, limits.stream_memory_bytes)
+    sequences = request.mode == StreamRequest.SEQUENCES
+    fits = fitting_buffer_tokens(*shape, num_consumers, request.batch_size, request.dtype, limits.stream_memory_bytes,
+                                 sequences)
     buffer_tokens = request.buffer_tokens or min(limits.buffer_tokens, fits)
-    memory = stream_memory(*shape, max(buffer_tokens, 1), num_consumers, request.batch_size, request.dtype)
+    memory = stream_memory(*shape, max(buffer_tokens, 1), num_consumers, request.batch_size, request.dtype, sequences)
     if memory.total > limits.stream_memory_bytes:
         ask = (f"ask for at most {fits:,} buffer_tokens, or fewer hooks" if fits else
                "ask for a smaller batch_size or fewer hooks")
@@ -203,4 +214,5 @@ def plan_stream(request: StreamRequest, manifest: Manifest, cache_name: str, lim
     resolved.ClearField("hooks")
     resolved.hooks.extend(hooks)
     row_bytes = sum(f.type.byte_width for f in schema)
-    return StreamPlan(resolved, order, schema, config.dtype, manifest.d_model, row_bytes, rows, memory)
+    return StreamPlan(resolved, order, schema, buffer_schema(manifest, hooks, request.include_meta), config.dtype,
+                      manifest.d_model, row_bytes, rows, memory)

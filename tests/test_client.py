@@ -171,6 +171,17 @@ def test_sequences_of_the_eval_split_in_order(server):
     assert all(len(b["position"]) == 2 * CTX and b["position"][0] == 0 for b in batches)
 
 
+@pytest.mark.parametrize("read_from", [False, True])
+def test_sequences_split_between_consumers_with_buffers_smaller_than_a_shard(server, cache, read_from):
+    """Whole sequences, 3 consumers, a buffer of one sequence: each buffer is a whole position-major
+    shard of 16 sequences, of which a consumer's range takes up to all; every row once, in order."""
+    options = dict(split="eval", mode="sequences", batch_size=2 * CTX, drop_bos=False, buffer_tokens=CTX, num_consumers=3)
+    if read_from:
+        options["read_from"] = cache[0]
+    parts = [keys_of(list(stream(server, consumer_index=c, **options))) for c in range(3)]
+    assert np.array_equal(np.concatenate(parts), np.arange(SPEC.eval_shards * 16 * CTX))
+
+
 def test_a_cache_in_sequence_order_streams_the_same(tmp_path):
     """Caches built before position-major shards (rows in sequence order) stream every row once,
     with its own values, and their sequences in order."""

@@ -2,9 +2,13 @@
 stream limit, the idle timeout, bounded error messages, caches that cannot be opened."""
 from __future__ import annotations
 
+import gc
+import itertools
 import platform
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,9 +16,11 @@ import pyarrow.flight as flight
 import pytest
 
 from actserve.proto.stream_pb2 import CacheList, HealthResult, ServerStats, StreamRequest
+from actserve.services.admission import Admission
 from actserve.services.manifest import read_manifest
-from actserve.services.process_memory import ReusedBlocks
-from actserve.services.stream_plan import stream_memory
+from actserve.services.process_memory import BlocksReleased, ReusedBlocks
+from actserve.services.shuffle import epoch_buffers
+from actserve.services.stream_plan import StreamLimits, StreamMemory, group_rows, plan_stream, stream_memory
 from actserve.services.serve_options import ServeOptions
 from actserve.testing import SyntheticSpec, write_synthetic_cache
 from streamkit import running_server, wait_until
@@ -116,6 +122,26 @@ def test_clients_that_go_away_mid_stream_give_back_its_memory(cache):
         assert min(s.rss_anon_bytes, s.rss_anon_baseline_bytes, s.rss_file_bytes, s.arrow_peak_bytes) > 0
 
 
+@pytest.mark.parametrize("position_major", [True, False])
+def test_every_buffer_slice_fits_the_memory_its_stream_reserves(tmp_path, position_major):
+    """A stream's buffer blocks hold StreamMemory.slice_rows rows: no consumer's part of any buffer
+    is larger, shuffled (a share of each buffer) or in whole sequences (a range, up to a whole
+    buffer of whole shards when position-major)."""
+    # d_model 8192: a position-major shard holds two row groups (pieces), a sequence-order one one
+    spec = SyntheticSpec(d_model=8192, train_shards=5, eval_shards=1, position_major=position_major)
+    manifest = write_synthetic_cache(str(tmp_path / "c"), spec)
+    assert (group_rows(manifest) < 16 * 8) == position_major  # rows per row group, per shard
+    limits = StreamLimits(max_batch_size=64, buffer_tokens=100, max_buffer_tokens=10**6, stream_memory_bytes=10**9)
+    for mode, consumers, buffer_tokens, drop_bos in itertools.product(
+            (StreamRequest.SHUFFLED_TOKENS, StreamRequest.SEQUENCES), (1, 3), (1, 20, 100), (False, True)):
+        for c in range(consumers):
+            request = StreamRequest(cache="c", batch_size=56, mode=mode, num_consumers=consumers, consumer_index=c,
+                                    buffer_tokens=buffer_tokens, drop_bos=drop_bos)
+            plan = plan_stream(request, manifest, "c", limits)
+            largest = max(b.num_rows for b in epoch_buffers(manifest.train.shards, plan.order))
+            assert 0 < largest <= plan.memory.slice_rows, (mode, consumers, buffer_tokens, largest, plan.memory)
+
+
 def test_stream_limit(cache):
     with running_server([cache], max_streams=2) as server:
         client = flight.connect(server.location)
@@ -132,8 +158,10 @@ def test_stalled_stream_is_ended_after_its_idle_timeout(cache):
         reader = flight.connect(server.location).do_get(ticket())
         reader.read_chunk()
         wait_until(lambda: stats(server.location).streams_timed_out == 1, what="the idle timeout")
-        # its buffers are dropped; what the blocked write holds stays reserved until the call is over
-        assert stats(server.location).memory_held_bytes == memory.pinned < memory.total
+        # its buffers are dropped but for the block(s) the blocked write views, counted until freed,
+        # and its batches, until the call is over
+        blocks = stats(server.location).memory_held_bytes - memory.batches
+        assert blocks in (sum(memory.block_bytes), 2 * sum(memory.block_bytes)), (blocks, memory)
         with pytest.raises(flight.FlightServerError, match=r"read nothing for 0.2 s \(--stream-idle-timeout\)"):
             while True:
                 reader.read_chunk()
@@ -230,25 +258,70 @@ def test_freed_receive_buffers_are_reused_not_faulted_in_again():
 
 def test_stream_buffer_memory_is_reused_only_once_nothing_views_it():
     """ReusedBlocks: a block serves a later buffer once its array and every Arrow buffer (a batch
-    in flight, a tensor a trainer holds) exported from it are gone, never sooner; free blocks the
-    next buffer does not take are let go, so the pool holds what the stream uses."""
+    in flight, a tensor a trainer holds) exported from it are gone, never sooner; a column never
+    has more than `buffers` blocks alive, and `counted` hears of each allocation and free."""
     def address(array):
         return array.__array_interface__["data"][0]
 
-    blocks = ReusedBlocks(keep=4)  # two buffers of two columns
+    changes = []
+    blocks = ReusedBlocks([64_000, 8_000], buffers=2, wait=None, counted=changes.append)
     first = blocks.take(1000, [64, 8])
     first[0][:] = 7
     second = blocks.take(1000, [64, 8])
     assert len({address(a) for a in first + second}) == 4  # the first is still alive
-    wide, narrow = address(second[0]), {address(first[1]), address(second[1])}
+    assert changes == [65536, 8192] * 2  # whole pages
+    wide = address(second[0])
     batch = pa.py_buffer(first[0]).slice(64, 64)  # a zero-copy slice, as a batch of a buffer is
     del first, second
     third = blocks.take(990, [64, 8])  # the first's wide block is viewed by the batch: not taken
-    assert address(third[0]) == wide and address(third[1]) in narrow
-    assert bytes(batch) == bytes([7]) * 64
-    assert len(blocks.blocks) == 3  # the first's block the batch views, the third's two; the first's other is let go
-    del third, batch
-    fourth = blocks.take(1000, [64, 8])
-    assert all(a.flags.writeable and a.shape == (1000, w) for a, w in zip(fourth, [64, 8]))
+    assert address(third[0]) == wide and bytes(batch) == bytes([7]) * 64
+    taken = []
+    waiting = threading.Thread(target=lambda: taken.append(blocks.take(1000, [64, 8])))
+    waiting.start()  # both wide blocks are in use: it waits for one
+    time.sleep(0.2)
+    assert not taken and len(changes) == 4
+    del batch
+    waiting.join(timeout=5)
+    assert taken and all(a.flags.writeable and a.shape == (1000, w) for a, w in zip(taken[0], [64, 8]))
+    assert len(changes) == 4  # reused, none allocated
+    with pytest.raises(ValueError, match="larger than its reserved block"):
+        blocks.take(1025, [64, 8])
     blocks.release()
-    assert blocks.blocks == [] and blocks.take(10, [8]) and blocks.blocks == []
+    with pytest.raises(BlocksReleased):
+        blocks.take(10, [8, 8])
+    del third, taken
+    gc.collect()
+    assert sum(changes) == 0  # every block freed, and heard of
+
+
+def test_a_trainer_process_reader_allocates_beyond_its_blocks_after_a_wait():
+    """With `wait` seconds (a reader in a trainer's process, whose trainer may keep every batch), a
+    column whose blocks are all in use gets one more after the wait."""
+    blocks = ReusedBlocks([4096], buffers=1, wait=0.01)
+    held = [blocks.take(100, [8]) for _ in range(3)]
+    assert len({a[0].__array_interface__["data"][0] for a in held}) == 3
+
+
+def test_a_stream_counts_its_blocks_until_they_are_freed():
+    """An ended stream's lease counts its buffer blocks still viewed (a batch gRPC still sends) and,
+    until its call is over, its batches in flight; the rest of its reservation comes back at once."""
+    admission = Admission(memory_budget=10**9, max_streams=4, idle_timeout=60)
+    try:
+        memory = StreamMemory(slice_rows=1000, block_bytes=(65536, 8192), reading=100_000, batches=50_000)
+        lease = admission.admit(memory)
+        blocks = ReusedBlocks(list(memory.block_bytes), buffers=2, wait=None, counted=lease.blocks_changed)
+        columns = blocks.take(1000, [64, 8])
+        assert admission.held == memory.total  # blocks within the reservation
+        batch = pa.py_buffer(columns[0]).slice(0, 640)
+        del columns
+        lease.end("idle")
+        blocks.release()
+        assert admission.held == 65536 + memory.batches and admission.active == 0
+        lease.finish()
+        assert admission.held == 65536
+        with pytest.raises(ResourceWarning, match="RESOURCE_EXHAUSTED"):
+            admission.admit(StreamMemory(1, (), reading=10**9 - 65536 + 1, batches=0))
+        del batch
+        assert admission.held == 0 and admission.peak == memory.total
+    finally:
+        admission.close()
