@@ -14,6 +14,7 @@ import hashlib
 import os
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import fsspec
@@ -67,8 +68,12 @@ def atomic_write(fs: fsspec.AbstractFileSystem, path: str, write: Callable, chec
         os.makedirs(directory, exist_ok=True)
         try:
             write(tmp)
-            fsync(tmp)  # the data is on disk before any manifest can name it
-            written = Written(os.path.getsize(tmp), file_sha256(tmp) if checksum else "")
+            # the data is on disk before any manifest can name it; the sha256 reads the page cache
+            # while the disk writes (one after the other, they took 0.28 s of a 136 MB shard's 0.40 s)
+            with ThreadPoolExecutor(1) as syncing:
+                synced = syncing.submit(fsync, tmp)
+                written = Written(os.path.getsize(tmp), file_sha256(tmp) if checksum else "")
+                synced.result()
             os.replace(tmp, path)
             fsync(directory)
         finally:
