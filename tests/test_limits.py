@@ -116,8 +116,12 @@ def test_clients_that_go_away_mid_stream_give_back_its_memory(cache):
         reader.read_chunk()
         reader.cancel()
         wait_until(lambda: stats(server.location).streams_failed == 2, what="both streams ended")
+        # a block stays counted until it is freed: a stream cancelled while its next buffer was being
+        # filled can leave that buffer in a reference cycle (the fill's error, its traceback and the
+        # buffer) until Python's cycle collector runs
+        wait_until(lambda: gc.collect() >= 0 and stats(server.location).memory_held_bytes == 0, what="their blocks freed")
         s = stats(server.location)
-        assert s.memory_held_bytes == 0 and s.streams_active == 0 and s.memory_peak_bytes > 0
+        assert s.streams_active == 0 and s.memory_peak_bytes > 0
         # the process as the kernel and pyarrow count it, next to the reservations
         assert min(s.rss_anon_bytes, s.rss_anon_baseline_bytes, s.rss_file_bytes, s.arrow_peak_bytes) > 0
 
