@@ -12,7 +12,7 @@ from actserve.proto.manifest_pb2 import Manifest
 from actserve.proto.stream_pb2 import StreamRequest
 from actserve.services.manifest import SPLITS, split_complete
 from actserve.services.process_memory import rounded_up
-from actserve.services.shard_format import META_COLUMNS, bytes_per_value, shard_group_rows, shard_schema
+from actserve.services.shard_format import META_COLUMNS, shard_group_rows, shard_schema
 from actserve.services.shuffle import Order, consumer_rows
 
 MODES = {StreamRequest.SHUFFLED_TOKENS: "SHUFFLED_TOKENS", StreamRequest.SEQUENCES: "SEQUENCES"}
@@ -77,15 +77,15 @@ def group_rows(manifest: Manifest) -> int:
     return shard_group_rows(manifest.config, manifest.d_model)
 
 
-def buffer_schema(manifest: Manifest, hooks: list[str], include_meta: bool) -> pa.Schema:
-    """The columns of a stream's buffer, as the shards hold them (the cache's dtype)."""
-    schema = shard_schema(hooks, manifest.d_model, manifest.config.dtype)
+def stream_schema(manifest: Manifest, hooks: list[str], include_meta: bool, dtype: str = "") -> pa.Schema:
+    """The requested columns, activations in `dtype` ('' for the cache's: as the shards and a
+    stream's buffers hold them)."""
+    schema = shard_schema(hooks, manifest.d_model, dtype or manifest.config.dtype)
     return schema if include_meta else pa.schema([f for f in schema if f.name not in META_COLUMNS])
 
 
-def sent_row_bytes(manifest: Manifest, hooks: list[str], include_meta: bool, dtype: str) -> int:
-    """Bytes of one row as sent: in `dtype` ('' for the cache's)."""
-    return len(hooks) * manifest.d_model * bytes_per_value(dtype or manifest.config.dtype) + (16 if include_meta else 0)
+def schema_row_bytes(schema: pa.Schema) -> int:
+    return sum(f.type.byte_width for f in schema)
 
 
 def largest_shard_rows(manifest: Manifest, split_name: str) -> int:
@@ -106,14 +106,15 @@ def stream_memory(manifest: Manifest, split_name: str, hooks: list[str], include
     unit = largest_shard_rows if sequences and manifest.config.position_major else largest_piece_rows
     buffer_rows = buffer_tokens + unit(manifest, split_name)
     slice_rows = buffer_rows if sequences else -(-buffer_rows // num_consumers)
-    widths = [f.type.byte_width for f in buffer_schema(manifest, hooks, include_meta)]
+    widths = [f.type.byte_width for f in stream_schema(manifest, hooks, include_meta)]
     row_bytes = sum(widths)
     return StreamMemory(
         slice_rows=slice_rows,
         block_bytes=tuple(rounded_up(slice_rows * width) for width in widths),
         reading=largest_shard_rows(manifest, split_name) * row_bytes
         + INDEX_BYTES * (buffer_rows + INDEXES_PER_ROW * slice_rows),
-        batches=BATCHES_IN_FLIGHT * batch_size * (sent_row_bytes(manifest, hooks, include_meta, dtype) + row_bytes),
+        batches=BATCHES_IN_FLIGHT * batch_size * (schema_row_bytes(stream_schema(manifest, hooks, include_meta, dtype))
+                                                  + row_bytes),
     )
 
 
@@ -204,15 +205,12 @@ def plan_stream(request: StreamRequest, manifest: Manifest, cache_name: str, lim
             raise ValueError(f"start {request.start} is past the end of this consumer's part of the epoch ({rows} tokens)")
 
     out_dtype = request.dtype or config.dtype
-    schema = shard_schema(hooks, manifest.d_model, out_dtype)
-    if not request.include_meta:
-        schema = pa.schema([f for f in schema if f.name not in META_COLUMNS])
+    schema = stream_schema(manifest, hooks, request.include_meta, out_dtype)
     resolved = StreamRequest()
     resolved.CopyFrom(request)
     resolved.split, resolved.num_consumers, resolved.buffer_tokens, resolved.dtype = (
         split_name, num_consumers, buffer_tokens, out_dtype)
     resolved.ClearField("hooks")
     resolved.hooks.extend(hooks)
-    row_bytes = sum(f.type.byte_width for f in schema)
-    return StreamPlan(resolved, order, schema, buffer_schema(manifest, hooks, request.include_meta), config.dtype,
-                      manifest.d_model, row_bytes, rows, memory)
+    return StreamPlan(resolved, order, schema, stream_schema(manifest, hooks, request.include_meta), config.dtype,
+                      manifest.d_model, schema_row_bytes(schema), rows, memory)
