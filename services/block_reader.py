@@ -73,8 +73,8 @@ class BufferRows:
         return columns
 
     def release(self, reason: str) -> None:
-        with self.changed:
-            self.rows, self.released, blocks = None, reason, self.blocks
+        with self.changed:  # the error goes too: its traceback's frames view the buffer's memory
+            self.rows, self.released, self.error, blocks = None, reason, None, self.blocks
             self.changed.notify_all()
         if blocks is not None:  # the memory the stream keeps for reuse goes too
             blocks.release()
@@ -85,9 +85,13 @@ class BufferRows:
             self.changed.notify_all()
 
     def fail(self, error: BaseException) -> None:
+        """Filling it failed; its batches raise `error`. Ignored once released: a fill that fails
+        because its stream ended (its copiers shut down) would otherwise keep the buffer's memory in
+        a reference cycle (this, the error, its traceback's frames) until the cycle collector runs."""
         with self.changed:
-            self.error = error
-            self.changed.notify_all()
+            if self.released is None:
+                self.error = error
+                self.changed.notify_all()
 
     def __len__(self) -> int:
         return self.num_rows
@@ -98,9 +102,9 @@ class BufferRows:
         with self.changed:
             while self.filled < stop and self.error is None and self.released is None:
                 self.changed.wait()
-            rows, error, released = self.rows, self.error, self.released
-        if error is not None:
-            raise error
+            if self.error is not None:  # raised from self, not a local, so that `release` breaks the cycle
+                raise self.error          # of the error's traceback through this frame
+            rows, released = self.rows, self.released
         if released is not None:
             raise StreamEnded(released)
         batch = rows.slice(start, stop - start)
@@ -208,9 +212,9 @@ def fill_buffer(source: CacheSource, plan: StreamPlan, shards, buffer: Buffer, o
             for target, (pages, values) in zip(columns, pieces):
                 copy_rows(target, dst, local, pages, values)
 
-    if source.local:
-        for done in [copiers.submit(copy_shard, shard, ks) for shard, ks in by_shard.items()]:
-            done.result()
+    if source.local:  # map, as no local holds a failed future: its error's traceback would hold this frame
+        for _ in copiers.map(copy_shard, by_shard.keys(), by_shard.values()):
+            pass
     else:  # one shard's decoded row groups in memory at a time (StreamPlan.memory_bytes counts one)
         for shard, ks in by_shard.items():
             copy_shard(shard, ks)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import subprocess
 import threading
 import time
@@ -10,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.flight as flight
 
+from actserve.proto.stream_pb2 import ServerStats
 from actserve.services.server import ActivationServer
 from actserve.services.serve_options import ServeOptions
 from actserve.testing import spawn_server
@@ -33,6 +35,24 @@ def server_process(cache: str, port: int) -> subprocess.Popen:
     proc, location = spawn_server(ServeOptions(caches=(cache,), port=port, local_cache_gb=0))
     assert location == f"grpc://127.0.0.1:{port}", location
     return proc
+
+
+def server_stats(location: str) -> ServerStats:
+    (result,) = flight.connect(location).do_action(flight.Action("stats", b""))
+    return ServerStats.FromString(result.body.to_pybytes())
+
+
+@contextlib.contextmanager
+def cycle_collector_off():
+    """Python's cycle collector off, so that memory kept only by a reference cycle stays kept
+    (with it on, whether such memory is freed depends on when a collection happens to run)."""
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_on:
+            gc.enable()
 
 
 def wait_until(predicate, timeout: float = 20.0, what: str = "condition") -> None:

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
-from actserve.proto.stream_pb2 import CacheList, HealthResult, ServerStats, StreamRequest
+from actserve.proto.stream_pb2 import CacheList, HealthResult, StreamRequest
 from actserve.services.admission import Admission
 from actserve.services.manifest import read_manifest
 from actserve.services.process_memory import BlocksReleased, ReusedBlocks
@@ -23,7 +23,7 @@ from actserve.services.shuffle import epoch_buffers
 from actserve.services.stream_plan import StreamLimits, StreamMemory, group_rows, plan_stream, stream_memory
 from actserve.services.serve_options import ServeOptions
 from actserve.testing import SyntheticSpec, write_synthetic_cache
-from streamkit import running_server, wait_until
+from streamkit import cycle_collector_off, running_server, server_stats, wait_until
 
 # 48 shards of 32 sequences x 16 tokens, 2 float32 hooks of d_model 256: 1 MiB of activations a shard,
 # 48 MiB an epoch: more than gRPC buffers, so a stream whose client reads nothing stalls
@@ -44,11 +44,6 @@ def ticket(**fields) -> flight.Ticket:
     return flight.Ticket(StreamRequest(**{"cache": "tiny", "batch_size": 64, "buffer_tokens": SHARD_ROWS, **fields}).SerializeToString())
 
 
-def stats(location: str) -> ServerStats:
-    (result,) = flight.connect(location).do_action(flight.Action("stats", b""))
-    return ServerStats.FromString(result.body.to_pybytes())
-
-
 def test_stalled_streams_stay_within_the_memory_budget(cache):
     stream_bytes = stream_memory(read_manifest(cache), "train", list(SPEC.hooks), False, SHARD_ROWS, 1, 64).total
     budget_gb = 10 * stream_bytes / 1e9  # room for 10 streams of one-shard buffers
@@ -60,15 +55,15 @@ def test_stalled_streams_stay_within_the_memory_budget(cache):
                 readers.append(client.do_get(ticket()))
             except flight.FlightServerError as e:
                 refused.append(str(e))
-        wait_until(lambda: stats(server.location).streams_active + len(refused) >= 10, what="streams admitted")
-        s = stats(server.location)
+        wait_until(lambda: server_stats(server.location).streams_active + len(refused) >= 10, what="streams admitted")
+        s = server_stats(server.location)
         assert s.memory_held_bytes <= s.memory_peak_bytes <= s.memory_budget_bytes == int(budget_gb * 1e9)
         assert s.streams_active <= 10 and s.streams_refused >= 22
         for reader in readers[10:]:  # the refused ones fail on first read, naming the limit
             with pytest.raises(flight.FlightServerError, match="RESOURCE_EXHAUSTED: .*--memory-budget-gb"):
                 reader.read_all()
         del readers
-        wait_until(lambda: stats(server.location).memory_held_bytes == 0, what="memory given back")
+        wait_until(lambda: server_stats(server.location).memory_held_bytes == 0, what="memory given back")
 
 
 def test_a_buffer_over_the_stream_memory_is_refused_up_front(cache):
@@ -109,18 +104,17 @@ os.kill(os.getpid(), signal.SIGKILL)
 
 
 def test_clients_that_go_away_mid_stream_give_back_its_memory(cache):
-    with running_server([cache]) as server:
+    """...all of it, without the cycle collector: a stream cancelled while its next buffer is being
+    filled fails that fill, whose error must not keep the buffer alive in a cycle."""
+    with cycle_collector_off(), running_server([cache]) as server:
         raw = ticket().ticket
         subprocess.run([sys.executable, "-c", CLIENT_KILLED_MID_STREAM, server.location, raw.hex()])
         reader = flight.connect(server.location).do_get(flight.Ticket(raw))
         reader.read_chunk()
         reader.cancel()
-        wait_until(lambda: stats(server.location).streams_failed == 2, what="both streams ended")
-        # a block stays counted until it is freed: a stream cancelled while its next buffer was being
-        # filled can leave that buffer in a reference cycle (the fill's error, its traceback and the
-        # buffer) until Python's cycle collector runs
-        wait_until(lambda: gc.collect() >= 0 and stats(server.location).memory_held_bytes == 0, what="their blocks freed")
-        s = stats(server.location)
+        wait_until(lambda: server_stats(server.location).streams_failed == 2, what="both streams ended")
+        wait_until(lambda: server_stats(server.location).memory_held_bytes == 0, what="their blocks freed")
+        s = server_stats(server.location)
         assert s.streams_active == 0 and s.memory_peak_bytes > 0
         # the process as the kernel and pyarrow count it, next to the reservations
         assert min(s.rss_anon_bytes, s.rss_anon_baseline_bytes, s.rss_file_bytes, s.arrow_peak_bytes) > 0
@@ -150,7 +144,7 @@ def test_stream_limit(cache):
     with running_server([cache], max_streams=2) as server:
         client = flight.connect(server.location)
         held = [client.do_get(ticket()) for _ in range(2)]
-        wait_until(lambda: stats(server.location).streams_active == 2, what="two streams")
+        wait_until(lambda: server_stats(server.location).streams_active == 2, what="two streams")
         with pytest.raises(flight.FlightServerError, match=r"RESOURCE_EXHAUSTED: .*its limit \(--max-streams 2\)"):
             client.do_get(ticket()).read_all()
         del held
@@ -161,15 +155,15 @@ def test_stalled_stream_is_ended_after_its_idle_timeout(cache):
     with running_server([cache], stream_idle_timeout=0.2) as server:
         reader = flight.connect(server.location).do_get(ticket())
         reader.read_chunk()
-        wait_until(lambda: stats(server.location).streams_timed_out == 1, what="the idle timeout")
+        wait_until(lambda: server_stats(server.location).streams_timed_out == 1, what="the idle timeout")
         # its buffers are dropped but for the block(s) the blocked write views, counted until freed,
         # and its batches, until the call is over
-        blocks = stats(server.location).memory_held_bytes - memory.batches
+        blocks = server_stats(server.location).memory_held_bytes - memory.batches
         assert blocks in (sum(memory.block_bytes), 2 * sum(memory.block_bytes)), (blocks, memory)
         with pytest.raises(flight.FlightServerError, match=r"read nothing for 0.2 s \(--stream-idle-timeout\)"):
             while True:
                 reader.read_chunk()
-        wait_until(lambda: stats(server.location).memory_held_bytes == 0, what="the rest given back")
+        wait_until(lambda: server_stats(server.location).memory_held_bytes == 0, what="the rest given back")
 
 
 def test_a_huge_hooks_list_gets_a_short_error(cache):

@@ -17,7 +17,7 @@ import pyarrow.flight as flight
 import pytest
 import torch
 
-from actserve.proto.stream_pb2 import CacheList, HealthResult, ServerStats, StreamRequest
+from actserve.proto.stream_pb2 import CacheList, HealthResult, StreamRequest
 from actserve.services.shard_format import decode_activations
 from actserve.services.storage import open_url
 from actserve.services.serve_options import ServeOptions, is_loopback
@@ -25,7 +25,7 @@ from actserve.cli import add_serve_parser, options_from_args
 from actserve.services.shard_cache import ShardCache
 from actserve.services.shuffle import expected_distinct
 from actserve.testing import SyntheticCache, SyntheticSpec, read_split, write_synthetic_cache
-from streamkit import read_table, row_keys, running_server, wait_until
+from streamkit import read_table, row_keys, running_server, server_stats, wait_until
 
 SPEC = SyntheticSpec()  # 6 train shards of 16 sequences of 8 tokens, 2 eval shards, 2 hooks of d_model 16
 HOOK = SPEC.hooks[0]
@@ -136,9 +136,9 @@ def test_actions(server, cache):
     (info,) = caches.caches
     assert info.name == "tiny" and info.url == "" and info.manifest == cache[1]  # URLs only with --expose-urls
     assert set(info.manifest.stats) == set(SPEC.hooks) and not caches.unavailable and not health.unavailable
-    before = ServerStats.FromString(action(server.location, "stats"))
+    before = server_stats(server.location)
     read_table(server.location, request())
-    after = ServerStats.FromString(action(server.location, "stats"))
+    after = server_stats(server.location)
     assert after.streams_completed - before.streams_completed == 1 and after.streams_active == 0
     assert after.tokens - before.tokens == 768 and after.bytes - before.bytes == 768 * 2 * 16 * 2  # 2 float16 hooks
     assert after.batches - before.batches == 8 and after.max_batch_size == 65536
@@ -215,7 +215,7 @@ def test_damaged_shard_is_named_and_others_keep_streaming(cache, tmp_path, damag
             client.do_get(flight.Ticket(request(cache="broken"))).read_all()
         assert healthy.read_all().num_rows == 768 - 16
         assert read_table(server.location, request()).num_rows == 768
-        stats = ServerStats.FromString(action(server.location, "stats"))
+        stats = server_stats(server.location)
         assert stats.streams_failed == 1 and stats.streams_completed == 2
 
 
@@ -270,7 +270,7 @@ def test_follow_streams_end_with_their_split_or_their_client(tmp_path):
         reader = client.do_get(flight.Ticket(request(cache="growing", follow=True, buffer_tokens=128)))
         reader.read_chunk()
         reader.cancel()  # the client goes away while the stream waits for the build
-        wait_until(lambda: ServerStats.FromString(action(server.location, "stats")).streams_active == 0,
+        wait_until(lambda: server_stats(server.location).streams_active == 0,
                    what="the abandoned stream to be released")
 
 
@@ -381,7 +381,7 @@ def test_s3_cache_through_the_node_local_shard_cache(s3_options, tmp_path):
         for epoch in range(2):
             table = read_table(server.location, request(epoch=epoch, include_meta=True, drop_bos=True, buffer_tokens=2 * 112))
             assert len(np.unique(stream_keys(table))) == table.num_rows == 672
-        stats = ServerStats.FromString(action(server.location, "stats"))
+        stats = server_stats(server.location)
     assert stats.shard_fetches == 6 and stats.shard_cache_hits == 6  # fetched once, then read locally
     assert sorted(p.name for p in local.rglob("*.parquet")) == [f"shard-{i:05d}.parquet" for i in range(6)]
     assert sum(s.num_bytes for s in manifest.train.shards) == sum(p.stat().st_size for p in local.rglob("*.parquet"))
