@@ -91,8 +91,12 @@ def sequences_per_shard(opts: BuildOptions, n_hooks: int, d_model: int) -> int:
     return max(1, int(opts.shard_mb * 2**20) // (row_bytes * opts.context_size))
 
 
-def build_cache(opts: BuildOptions, progress: bool = True, ray_address: str | None = None) -> Manifest:
-    """Build (or resume) the cache described by `opts`; returns the final manifest."""
+def build_cache(opts: BuildOptions, progress: bool = True, ray_address: str | None = None,
+                hosts: list | None = None) -> Manifest:
+    """Build (or resume) the cache described by `opts`; returns the final manifest. `hosts`: model
+    hosts already started for opts' model (start_model_hosts), left running, so that several
+    builds pay one start (a fresh host imports torch and TransformerLens and loads the model:
+    seconds); by default they are started here and killed at the end."""
     fs, root = open_url(opts.out, opts.storage_options)
     existing = read_manifest(opts.out, opts.storage_options)
     if existing is None:
@@ -101,7 +105,8 @@ def build_cache(opts: BuildOptions, progress: bool = True, ray_address: str | No
         remove_temporaries(fs, root)
 
     ensure_ray(ray_address)
-    hosts = start_model_hosts(opts)
+    started = hosts is None
+    hosts = start_model_hosts(opts) if started else hosts
     try:
         info = ray.get(hosts[0].describe.remote())
         if opts.context_size > info["n_ctx"]:
@@ -132,7 +137,7 @@ def build_cache(opts: BuildOptions, progress: bool = True, ray_address: str | No
         run_build(opts, manifest, hosts, tokenizer, info, progress)
         return manifest
     finally:
-        for host in hosts:
+        for host in hosts if started else []:
             ray.kill(host)
 
 

@@ -8,14 +8,16 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 
-from actserve.services.build import BuildOptions, build_cache
+from actserve.services.build import BuildOptions, build_cache, start_model_hosts
 from actserve.services.shard_format import decode_activations, in_sequence_order, read_shard
 from actserve.services.storage import open_url
 from actserve.services.manifest import read_manifest
@@ -107,14 +109,20 @@ def test_duckdb_reads_the_cache(built):
     assert (rows, seqs, max_pos, width) == (2048, 64, 31, manifest.d_model * 2)
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_other_dtypes(tiny_model, corpus, ray_session, tmp_path, dtype):
-    manifest = build_cache(options(tiny_model, corpus, tmp_path / dtype, tokens=256, eval_tokens=0, dtype=dtype),
-                           progress=False)
-    fs, root = open_url(str(tmp_path / dtype))
-    table = read_shard(fs, root, manifest.train.shards[0])
-    acts = decode_activations(table.column(manifest.config.hooks[0]), dtype, manifest.d_model)
-    assert acts.dtype == getattr(torch, dtype) and torch.isfinite(acts).all()
+def test_other_dtypes_built_by_one_started_model_host(tiny_model, corpus, ray_session, tmp_path):
+    """Two builds on model hosts started once (build_cache's `hosts`), which outlive both."""
+    opts = options(tiny_model, corpus, tmp_path, tokens=256, eval_tokens=0)
+    hosts = start_model_hosts(opts)
+    try:
+        for dtype in ("bfloat16", "float32"):
+            manifest = build_cache(replace(opts, out=str(tmp_path / dtype), dtype=dtype), progress=False, hosts=hosts)
+            fs, root = open_url(str(tmp_path / dtype))
+            table = read_shard(fs, root, manifest.train.shards[0])
+            acts = decode_activations(table.column(manifest.config.hooks[0]), dtype, manifest.d_model)
+            assert acts.dtype == getattr(torch, dtype) and torch.isfinite(acts).all()
+        assert ray.get(hosts[0].describe.remote())["d_model"] == manifest.d_model  # still running
+    finally:
+        ray.kill(hosts[0])
 
 
 def test_s3_build_equals_local(built, tiny_model, corpus, ray_session, s3_options):
