@@ -109,6 +109,9 @@ def build_cache(opts: BuildOptions, progress: bool = True, ray_address: str | No
     hosts = start_model_hosts(opts) if started else hosts
     try:
         info = ray.get(hosts[0].describe.remote())
+        if info["loaded"] != (opts.model, opts.processing):
+            raise ValueError(f"the model hosts given hold {info['loaded'][0]} ({info['loaded'][1]}); this build is for "
+                             f"{opts.model} ({opts.processing})")
         if opts.context_size > info["n_ctx"]:
             raise ValueError(f"--context-size {opts.context_size} exceeds the model's n_ctx {info['n_ctx']}")
         hooks = ray.get(hosts[0].resolve_hooks.remote(opts.hooks))

@@ -40,6 +40,7 @@ class ModelHost:
             torch.set_num_threads(cpu_threads)
         self.model = load_model(model, device=str(self.device), processing=processing)
         self.model.eval()
+        self.loaded = (model, processing)  # what a build on this host checks it is for
         self.forward_lock = threading.Lock()
 
     def describe(self) -> dict:
@@ -52,6 +53,7 @@ class ModelHost:
             "bos_token_id": tok.bos_token_id,
             "tokenizer": tok.name_or_path,
             "device": str(self.device),
+            "loaded": self.loaded,
         }
 
     def tokenizer(self):

@@ -21,6 +21,7 @@ from actserve.services.build import BuildOptions, build_cache, start_model_hosts
 from actserve.services.shard_format import decode_activations, in_sequence_order, read_shard
 from actserve.services.storage import open_url
 from actserve.services.manifest import read_manifest
+from actserve.services.model import WeightProcessing
 from actserve.cli import main as cli_main, os_error_message
 from actserve.services.data import DatasetSpec, iter_documents, iter_sequences
 from tests.conftest import free_port
@@ -120,6 +121,9 @@ def test_other_dtypes_built_by_one_started_model_host(tiny_model, corpus, ray_se
             table = read_shard(fs, root, manifest.train.shards[0])
             acts = decode_activations(table.column(manifest.config.hooks[0]), dtype, manifest.d_model)
             assert acts.dtype == getattr(torch, dtype) and torch.isfinite(acts).all()
+        unfolded = replace(opts, out=str(tmp_path / "unfolded"), processing=WeightProcessing(fold_ln=False))
+        with pytest.raises(ValueError, match=r"the model hosts given hold .*fold_ln=True.*this build is for .*fold_ln=False"):
+            build_cache(unfolded, progress=False, hosts=hosts)
         assert ray.get(hosts[0].describe.remote())["d_model"] == manifest.d_model  # still running
     finally:
         ray.kill(hosts[0])
