@@ -124,6 +124,7 @@ def test_other_dtypes_built_by_one_started_model_host(tiny_model, corpus, ray_se
         unfolded = replace(opts, out=str(tmp_path / "unfolded"), processing=WeightProcessing(fold_ln=False))
         with pytest.raises(ValueError, match=r"the model hosts given hold .*fold_ln=True.*this build is for .*fold_ln=False"):
             build_cache(unfolded, progress=False, hosts=hosts)
+        assert read_manifest(unfolded.out) is None and not any(Path(unfolded.out).iterdir())  # nothing written
         assert ray.get(hosts[0].describe.remote())["d_model"] == manifest.d_model  # still running
     finally:
         ray.kill(hosts[0])
