@@ -19,6 +19,8 @@ float16 hook (written to DIR once), an SAE of d_sae 24576 (expansion 32), batche
 keep --tokens small (a step takes seconds on a CPU):
 
   python bench/trainer.py --gpt2-small /tmp/actserve-gpt2-synthetic --tokens 16384
+
+`--device cuda` trains on the GPU; the in-memory reference then reads its batches from GPU memory.
 """
 from __future__ import annotations
 
@@ -78,7 +80,7 @@ def gpt2_small_cache(directory: str) -> str:
 def options(hook: str, out: Path, tokens: int, args, seed: int = 0, read_from: str = "") -> TrainOptions:
     return TrainOptions(hook=hook, out=str(out), tokens=tokens, expansions=(args.expansion,), batch_size=args.batch_size,
                         l1_coefficients=(1e-3,), lr_warmup_steps=10, log_every=10**9, checkpoint_every=10**12,
-                        seed=seed, read_from=read_from)
+                        seed=seed, read_from=read_from, device=args.device)
 
 
 def one_trainer(server: str, url: str, manifest, hook: str, source: torch.Tensor, args, work: Path, threads: int):
@@ -177,6 +179,7 @@ def main():
     p.add_argument("--rounds", type=int, default=1, help="rounds of each figure, served and in memory interleaved; medians")
     p.add_argument("--eval-sequences", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", default="cpu", help="where the SAEs train (cuda: the in-memory reference reads GPU memory)")
     args = p.parse_args()
     if args.tokens < 1 or args.trainers < 0 or args.rounds < 1:
         p.error("--tokens and --rounds must be >= 1, --trainers >= 0")
@@ -197,7 +200,7 @@ def main():
     try:
         with tempfile.TemporaryDirectory() as work:
             hook = manifest.config.hooks[-1]
-            source = served_order(server, args.cache, hook, args.tokens, args.batch_size, seed=0)
+            source = served_order(server, args.cache, hook, args.tokens, args.batch_size, seed=0).to(args.device)
             # 1 thread: a demo trainer's (a Ray task of 1 CPU gets OMP_NUM_THREADS=1); and every core
             for threads in sorted({1, torch.get_num_threads()}):
                 one_trainer(server, args.cache, manifest, hook, source, args, Path(work), threads)

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The GPU figures of bench/README.md in one run on a lent device machine, which has Python 3.12,
+# PyTorch with CUDA, pyarrow, transformers and numpy but not Ray, TransformerLens, datasets or
+# actserve, and reaches no package index. Two steps:
+#
+#   bench/gpu_check.sh pack   # here: what that machine lacks, in the versions of this project's
+#                             # environment, built for CPython 3.12 x86-64, as .gpu-kit/site.tar.xz
+#   bench/gpu_check.sh run    # there: unpacks it to /tmp/site and runs the benchmarks; logs to $OUT
+#
+# With the device tool (the kit, the tiny model's tokenizer and the corpus travel as carried paths):
+#   run(command="bench/gpu_check.sh run", timeout_s=540,
+#       carry=[".gpu-kit", "actserve-work/tiny-model", "actserve-work/corpus.jsonl"])
+#
+# The kit leaves out Ray's Java jars, dashboard web client and libraries (RLlib, Tune, Serve, Train,
+# Data), which actserve does not use, so that it fits one call's 64 MiB.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+kit=.gpu-kit
+# what the device image lacks; versions are this project's environment's
+packages=(ray transformer-lens better-abc beartype fancy-einsum typeguard datasets dill
+          multiprocess zlib-ng simple-parsing docstring-parser jsonschema jsonschema-specifications referencing rpds-py
+          protobuf)
+ray_unused=(jars rllib tune serve train data llm dashboard/client)
+
+pack() {
+  # the environment whose versions the kit takes, and the tiny model and corpus the run needs
+  ./dev python -c "from pathlib import Path; from actserve.demo import prepare_model; prepare_model(Path('actserve-work'))"
+  local pins stage
+  pins=$(.venv/bin/python -c "import importlib.metadata as m, sys; print(' '.join(f'{n}=={m.version(n)}' for n in sys.argv[1:]))" \
+         "${packages[@]}")
+  stage=$(mktemp -d)
+  trap 'rm -rf "$stage"' RETURN
+  # shellcheck disable=SC2086
+  .venv/bin/python -m pip install -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+    --target "$stage/site" $pins
+  .venv/bin/python -m pip install -q --no-deps --upgrade --target "$stage/site" .  # actserve, its protos generated here
+  for dir in "${ray_unused[@]}"; do rm -rf "$stage/site/ray/$dir"; done
+  rm -rf "$stage/site/bin"
+  mkdir -p "$kit"
+  tar -cJf "$kit/site.tar.xz" -C "$stage/site" .
+  echo "$kit/site.tar.xz: $(du -m "$kit/site.tar.xz" | cut -f1) MiB (one device call carries at most 64 MiB)"
+}
+
+step() {  # step LOG COMMAND...: the command's output to the screen and $out/LOG; a failure is reported, not fatal
+  local log=$1
+  shift
+  "$@" 2>&1 | tee "$out/$log" || echo "gpu_check: $log: exit status ${PIPESTATUS[0]}" | tee -a "$out/$log"
+}
+
+run() {
+  out=${OUT:-/tmp/gpu-check}
+  local repo=$PWD
+  mkdir -p /tmp/site /tmp/gpu-check-run "$out"
+  tar -xJf "$kit/site.tar.xz" -C /tmp/site
+  export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+  # from elsewhere: Ray puts the driver's directory on its workers' path, and the checkout's actserve/
+  # folder is not the installed package (its subpackages live at the checkout's top level)
+  cd /tmp/gpu-check-run
+  step device.txt nvidia-smi -L
+  step versions.txt python3 -c "import torch, ray, transformer_lens, pyarrow, actserve.services.build; print('torch', \
+torch.__version__, 'ray', ray.__version__, 'pyarrow', pyarrow.__version__, 'GPU', torch.cuda.get_device_name())"
+  # the build: GPT-2 small's shape, random weights, all 12 hook_resid_pre, float16, local disk
+  step cache_build.log python3 "$repo/bench/cache_build.py" --workdir "$repo/actserve-work" --gpt2-small-random \
+    --tokens 262144 --reps 2
+  # a GPT-2-small-sized SAE trainer on the GPU, fed by the stream vs from GPU memory
+  step trainer.log python3 "$repo/bench/trainer.py" --gpt2-small /tmp/actserve-gpt2-synthetic --tokens 1048576 --device cuda
+  # one stream to the CPU and to the GPU
+  step stream.log python3 "$repo/bench/stream.py" --dir /tmp/actserve-bench --stream-hooks 1 --shards 32 --epochs 2 --repeat 3
+}
+
+case "${1:-}" in
+  pack) pack ;;
+  run) run ;;
+  *) echo "usage: bench/gpu_check.sh pack|run" >&2; exit 2 ;;
+esac
