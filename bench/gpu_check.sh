@@ -51,6 +51,10 @@ step() {  # step LOG COMMAND...: the command's output to the screen and $out/LOG
 run() {
   out=${OUT:-/tmp/gpu-check}
   local repo=$PWD
+  if [ ! -f "$kit/site.tar.xz" ]; then
+    echo "gpu_check: no $kit/site.tar.xz here: run 'bench/gpu_check.sh pack' on the machine with the project's environment, and carry $kit" >&2
+    exit 1
+  fi
   mkdir -p /tmp/site /tmp/gpu-check-run "$out"
   tar -xJf "$kit/site.tar.xz" -C /tmp/site
   export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
