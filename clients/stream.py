@@ -48,6 +48,7 @@ MODES = {"shuffled": StreamRequest.SHUFFLED_TOKENS, "sequences": StreamRequest.S
 META_DTYPES = {"sequence": torch.int64, "position": torch.int32, "token": torch.int32}
 # what resume must keep equal: these decide the order (hooks and batch_size do not)
 ORDER_FIELDS = ("cache", "split", "seed", "consumer_index", "num_consumers", "drop_bos", "mode", "buffer_tokens")
+CALL_EPOCHS = 1 << 20  # epochs one call of an endless stream asks for
 _END = object()
 
 # Tensors view Arrow's receive buffers, which are read-only: that is the point (no copy). Treat
@@ -184,6 +185,7 @@ class ActivationStream:
         self._stop = threading.Event()
         self._reader: threading.Thread | None = None
         self._flight_reader = None  # the open do_get, cancelled by close()
+        self._call_ends = 0         # the epoch it ends before
         self._direct: CacheSource | None = None  # the cache at read_from, opened on first read
         self._device = torch.device(self.options.device)
         if not self.options.read_from:
@@ -285,7 +287,7 @@ class ActivationStream:
                 request.CopyFrom(self._base)
                 request.epoch = epoch
                 epoch_tokens = self._epoch_tokens(request)
-                for batch in self._epoch_batches(request, position):
+                for batch in self._epoch_batches(request, position, epoch_tokens):
                     position += batch.num_rows
                     if not self._put(items, (epoch, position, epoch_tokens, self._tensors(batch))):
                         return
@@ -307,31 +309,53 @@ class ActivationStream:
         info = self._flight_info(request)
         return None if info.total_records < 0 else info.total_records
 
-    def _epoch_batches(self, request: StreamRequest, start: int) -> Iterator[pa.RecordBatch]:
-        """The epoch's batches from `start`, reconnecting and resuming after the last row received."""
+    def _epoch_batches(self, request: StreamRequest, start: int, rows: int | None) -> Iterator[pa.RecordBatch]:
+        """The epoch's batches from `start` (of `rows`; None while a followed split grows),
+        reconnecting and resuming after the last row received. One call sends every epoch still to
+        read (StreamRequest.epochs): the server reads an epoch's first buffer while the epoch before
+        is sent, where a call per epoch would wait for it; this epoch's rows are counted out of it."""
         if self.options.read_from:
             yield from self._direct_batches(request, start)
             return
         retry = self._retry()
+        opened = None  # where this epoch's call began, when opened here (not for an epoch before)
         while True:
-            request.start = start
             try:
-                client = self._client(self.locations[self._preferred])
-                reader = client.do_get(flight.Ticket(request.SerializeToString()), self._call_options(timeout=None))
-                self._flight_reader = reader
-                while True:
-                    try:
-                        batch = reader.read_chunk().data
-                    except StopIteration:
+                if self._flight_reader is None:
+                    request.start, request.epochs = start, self._epochs_in_call(request.epoch)
+                    client = self._client(self.locations[self._preferred])
+                    self._flight_reader = client.do_get(flight.Ticket(request.SerializeToString()),
+                                                        self._call_options(timeout=None))
+                    self._call_ends = request.epoch + request.epochs
+                    opened = start
+                last = request.epoch + 1 == self._call_ends  # the call ends with this epoch: read it to its end
+                if start == rows and not last:
+                    return
+                try:
+                    batch = self._flight_reader.read_chunk().data
+                except StopIteration:
+                    self._flight_reader = None
+                    if rows is None or start == rows:
                         return
-                    start += batch.num_rows
-                    retry.progressed()
-                    yield batch
+                    if start == opened:  # ended before sending the epoch: opening again would loop
+                        raise RuntimeError(f"the server ended epoch {request.epoch} at row {start} of {rows}") from None
+                    continue
+                start += batch.num_rows
+                retry.progressed()
+                yield batch
             except RETRIED as e:
+                self._flight_reader = None
                 retry.wait(e)
                 self.reconnects += 1
             except pa.ArrowException as e:
                 raise one_line(e) from None
+
+    def _epochs_in_call(self, epoch: int) -> int:
+        """Epochs a call from `epoch` asks for: the rest (CALL_EPOCHS at a time when endless); one
+        in follow mode."""
+        if self.options.follow:
+            return 1
+        return CALL_EPOCHS if self.options.epochs is None else self.options.epochs - epoch
 
     def _direct_batches(self, request: StreamRequest, start: int) -> Iterator[pa.RecordBatch]:
         """The epoch's batches from `start`, read from the shards at read_from in this process."""

@@ -1,6 +1,6 @@
-"""From a plan to record batches: the buffers of this consumer's epoch (waiting for new commits in
-follow mode), each filled on the stream's reader thread while the previous one is sent, and cut
-into batches of exactly batch_size.
+"""From a plan to record batches: the buffers of this consumer's epochs (waiting for new commits in
+follow mode), each filled on the stream's reader thread while the previous one is sent, also
+across epochs, and cut into batches of exactly batch_size.
 
 A buffer is one contiguous array per requested column, already in the consumer's order, in the
 memory of the stream's buffer before last once nothing views that any more (process_memory.py:
@@ -22,6 +22,7 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import replace
 from functools import partial
 from operator import attrgetter
 
@@ -33,7 +34,7 @@ from actserve.services.column_pages import Page, ShardPages
 from actserve.services.manifest import split_complete
 from actserve.services.process_memory import BlocksReleased, ReusedBlocks
 from actserve.services.shard_format import META_COLUMNS, decode_activations, encode_activations
-from actserve.services.shuffle import Buffer, epoch_slices, locate, make_buffer, row_indices
+from actserve.services.shuffle import Buffer, Order, epoch_slices, locate, make_buffer, row_indices
 from actserve.services.sources import CacheSource
 from actserve.services.stream_plan import StreamPlan
 
@@ -43,14 +44,14 @@ READ_THREADS = 2  # threads of a stream copying the pieces of different local sh
 
 
 class BufferRows:
-    """This consumer's rows of one buffer, in sending order, as one record batch of the cache's
-    dtype, filled from its start (`filled` rows so far). `release` drops it (the server ending the
-    stream frees its memory at once)."""
+    """This consumer's rows of one buffer of the epoch `order` is of, in sending order, as one
+    record batch of the cache's dtype, filled from its start (`filled` rows so far). `release`
+    drops it (the server ending the stream frees its memory at once)."""
 
-    def __init__(self, plan: StreamPlan, num_rows: int):
+    def __init__(self, plan: StreamPlan, order: Order, num_rows: int):
         self.rows: pa.RecordBatch | None = None  # its memory, once allocated
         self.blocks: ReusedBlocks | None = None  # where that memory came from
-        self.num_rows, self.plan = num_rows, plan
+        self.num_rows, self.plan, self.order = num_rows, plan, order
         self.released: str | None = None
         self.filled = 0
         self.error: BaseException | None = None  # why filling it failed
@@ -137,8 +138,8 @@ def stream_buffers(source: CacheSource, plan: StreamPlan, context, blocks: Reuse
         item = next(todo, None)
         if item is None:
             return None
-        shards, buffer, offset = item
-        rows = hold(BufferRows(plan, buffer.num_rows - offset))  # the lease lets go of the one before the last first,
+        shards, order, buffer, offset = item
+        rows = hold(BufferRows(plan, order, buffer.num_rows - offset))  # the lease lets go of the one before the last first,
         columns = rows.allocate(blocks)                           # so that its memory can serve this one
         reader.submit(fill, shards, buffer, offset, rows, columns)  # runs before the next read_next
         return rows
@@ -155,28 +156,37 @@ def stream_buffers(source: CacheSource, plan: StreamPlan, context, blocks: Reuse
 
 
 def pending_buffers(source: CacheSource, plan: StreamPlan, stop: threading.Event) -> Iterator[tuple]:
-    """(shards, buffer, offset in the buffer's slice) from the cursor on. In follow mode, waits
-    for buffers still to be committed, polling the manifest with backoff."""
-    skip = plan.request.start
+    """(shards, order, buffer, offset in the buffer's slice) of each of the request's epochs, one
+    after the other, from the cursor on."""
+    yield from epoch_pending(source, plan, plan.order, plan.request.start, stop)
+    for later in range(1, plan.request.epochs):
+        yield from epoch_pending(source, plan, replace(plan.order, epoch=plan.order.epoch + later), 0, stop)
+
+
+def epoch_pending(source: CacheSource, plan: StreamPlan, order: Order, skip: int,
+                  stop: threading.Event) -> Iterator[tuple]:
+    """(shards, order, buffer, offset in the buffer's slice) of one epoch from row `skip` on. In
+    follow mode, waits for buffers still to be committed, polling the manifest with backoff."""
+    start = skip
     served = 0
     wait = FOLLOW_POLL[0]
     while True:
         manifest = source.manifest()
         shards = getattr(manifest, plan.request.split).shards
         final = split_complete(manifest, plan.request.split) or not plan.request.follow
-        pieces, slices = epoch_slices(shards, plan.order, complete=final)
+        pieces, slices = epoch_slices(shards, order, complete=final)
         slices = slices[served:]
         first, skip = locate([hi - lo for _, lo, hi in slices], skip)
         for index, (run, lo, hi) in enumerate(slices[first:], start=served + first):
             if hi > lo:  # a buffer with fewer rows than consumers leaves some none
-                yield shards, make_buffer(index, run, pieces, lo, hi), skip  # built when read: an epoch has ~1,000
+                yield shards, order, make_buffer(index, run, pieces, lo, hi), skip  # built when read: an epoch has ~1,000
             skip = 0
         served += len(slices)
         if slices:
             wait = FOLLOW_POLL[0]
         if final:
             if skip:
-                raise ValueError(f"start {plan.request.start} is past the end of this consumer's part of the epoch")
+                raise ValueError(f"start {start} is past the end of this consumer's part of the epoch")
             return
         if stop.wait(wait):
             return
@@ -187,7 +197,7 @@ def fill_buffer(source: CacheSource, plan: StreamPlan, shards, buffer: Buffer, o
                 columns: list[np.ndarray], copiers: ThreadPoolExecutor) -> None:
     """Copy the consumer's rows of the buffer, from `offset` on, to their places in `columns`, and
     mark `rows` filled."""
-    wanted = row_indices(buffer, plan.order)[offset:]
+    wanted = row_indices(buffer, rows.order)[offset:]
     starts = np.cumsum([0, *buffer.piece_rows])
     widths = [c.shape[1] for c in columns]
     checked: set[tuple] = set()  # pages whose checksum matched, once per buffer
@@ -279,12 +289,17 @@ def result_unless_cancelled(future: Future, context) -> BufferRows | None:
 
 
 def cut_batches(buffers: Iterator[BufferRows], batch_size: int) -> Iterator[pa.RecordBatch]:
-    """Batches of exactly batch_size rows (the last may be short) out of buffers of any size; a
-    batch that spans buffers is sliced from each and concatenated (its rows of a buffer copied
-    once that buffer is done)."""
+    """Batches of exactly batch_size rows (each epoch's last may be short) out of buffers of any
+    size; a batch that spans buffers of one epoch is sliced from each and concatenated (its rows of
+    a buffer copied once that buffer is done)."""
     pieces: list[pa.RecordBatch] = []
     rows = 0
+    epoch = None
     for buffer in buffers:
+        if pieces and buffer.order.epoch != epoch:  # the epoch before ended short of a whole batch
+            yield joined(pieces)
+            pieces, rows = [], 0
+        epoch = buffer.order.epoch
         pos = 0
         while pos < len(buffer):
             n = min(batch_size - rows, len(buffer) - pos)

@@ -192,6 +192,8 @@ def plan_stream(request: StreamRequest, manifest: Manifest, cache_name: str, lim
     if not order.shuffle and request.batch_size % order.rows_per_sequence:
         raise ValueError(f"SEQUENCES mode sends whole sequences: batch_size must be a multiple of "
                          f"{order.rows_per_sequence} rows per sequence, got {request.batch_size}")
+    if request.follow and request.epochs > 1:
+        raise ValueError(f"epochs {request.epochs} with follow: a followed split is sent one epoch a call")
     split_done = split_complete(manifest, split_name)
     if not request.follow and not split_done:
         raise ValueError(f"the {split_name} split of cache {cache_name} is still being built "

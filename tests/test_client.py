@@ -15,7 +15,7 @@ from actserve.clients.stream import ActivationStream, StreamUnavailable
 from actserve.services.storage import CacheError
 from conftest import free_port
 from actserve.testing import SyntheticSpec, read_split, write_synthetic_cache
-from streamkit import row_keys, running_server, server_process
+from streamkit import row_keys, running_server, server_process, server_stats
 
 SPEC = SyntheticSpec(train_shards=6, eval_shards=2)  # 16 sequences of 8 tokens per shard
 CTX = SPEC.context_size
@@ -103,6 +103,14 @@ def test_seeds_and_epochs_decide_the_order(server):
     two = keys_of(list(stream(server, seed=1, epochs=2)))
     assert np.array_equal(two[:len(a)], a) and not np.array_equal(two[len(a):], a)
     assert sorted(two[len(a):].tolist()) == TRAIN_KEYS
+
+
+def test_epochs_come_in_one_call(server):
+    before = server_stats(server.location)
+    keys = keys_of(list(stream(server, seed=6, epochs=3, batch_size=64)))
+    assert server_stats(server.location).streams_started - before.streams_started == 1
+    n = len(TRAIN_KEYS)
+    assert len(keys) == 3 * n and all(sorted(keys[e * n:(e + 1) * n].tolist()) == TRAIN_KEYS for e in range(3))
 
 
 def test_resume_from_state_equals_the_uninterrupted_tail(server):

@@ -115,6 +115,19 @@ def test_batches_have_exactly_batch_size_rows(server, batch_size):
     assert sum(sizes) == 768 and all(s == batch_size for s in sizes[:-1]) and 0 < sizes[-1] <= batch_size
 
 
+def test_one_call_of_several_epochs_sends_what_a_call_per_epoch_sends(server):
+    client = flight.connect(server.location)
+    fields = dict(seed=2, num_consumers=2, consumer_index=1, buffer_tokens=200, include_meta=True, hooks=[HOOK])
+    before = server_stats(server.location)
+    together = [c.data for c in client.do_get(flight.Ticket(request(**fields, epoch=1, start=30, epochs=3)))]
+    assert server_stats(server.location).streams_started - before.streams_started == 1
+    apart = [c.data for epoch, start in ((1, 30), (2, 0), (3, 0))
+             for c in client.do_get(flight.Ticket(request(**fields, epoch=epoch, start=start)))]
+    sizes = [b.num_rows for b in apart]
+    assert [b.num_rows for b in together] == sizes and sizes.count(100) == len(sizes) - 3  # each epoch's last is short
+    assert all(a.equals(b) for a, b in zip(together, apart, strict=True))
+
+
 def test_rows_carry_their_own_activations(server, cache):
     url, manifest = cache
     reference = read_split(url, manifest, "train")
@@ -165,6 +178,7 @@ def test_actions(server, cache):
     ({"start": 10_000}, "past the end of this consumer's part of the epoch"),
     ({"mode": StreamRequest.SEQUENCES, "batch_size": 10}, "multiple of 8"),
     ({"mode": 7}, "unknown mode 7"),
+    ({"follow": True, "epochs": 2}, "epochs 2 with follow: a followed split is sent one epoch a call"),
     ({"buffer_tokens": 2**30 + 1}, r"buffer_tokens 1,073,741,825 exceeds this server's limit of 1,073,741,824 "
                                    r"\(--max-buffer-tokens\)"),
 ])
