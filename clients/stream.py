@@ -11,10 +11,12 @@ that view Arrow's buffers (no copy; one copy into pinned memory when the device 
 non-blocking transfer). Activations travel in the cache's dtype and are converted on the device.
 A stream over Flight makes the process keep glibc's freed heap memory, up to 128 MiB at the heap's
 top (services/process_memory.py: keep_freed_heap_memory), so that gRPC's receive buffers are reused.
+One call asks for every epoch still to read (StreamRequest.epochs), so the server prepares each
+epoch while the one before is sent; the stream counts each epoch's rows out of it.
 
 The stream survives server restarts: on an unavailable server it reconnects with exponential
-backoff, to the same or another replica, and asks for the rest of the epoch from the last row it
-received (`start`), so no token is lost or repeated. It gives up after `reconnect_timeout` seconds
+backoff, to the same or another replica, and asks for the rest from the last row it received
+(`epoch`, `start`), so no token is lost or repeated. It gives up after `reconnect_timeout` seconds
 without progress, with an error naming the servers it tried.
 
 With `read_from` (the cache's URL as this process can read it) the server still resolves the
