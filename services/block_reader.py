@@ -19,16 +19,18 @@ process serves many streams.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import replace
 from functools import partial
 from operator import attrgetter
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
 
+from actserve.proto.manifest_pb2 import Shard
 from actserve.services.admission import StreamEnded
 from actserve.services.column_pages import Page, ShardPages
 from actserve.services.manifest import split_complete
@@ -43,15 +45,25 @@ CANCEL_CHECK = 1.0  # seconds between checks that the client of a waiting stream
 READ_THREADS = 2  # threads of a stream copying the pieces of different local shards into a buffer at once
 
 
-class BufferRows:
-    """This consumer's rows of one buffer of the epoch `order` is of, in sending order, as one
-    record batch of the cache's dtype, filled from its start (`filled` rows so far). `release`
-    drops it (the server ending the stream frees its memory at once)."""
+class PendingBuffer(NamedTuple):
+    """A buffer still to read, and where the stream stands in it."""
+    shards: Sequence[Shard]  # the split's, as the manifest listed them when the buffer was planned
+    order: Order             # of the buffer's epoch
+    buffer: Buffer
+    offset: int              # rows of the consumer's slice already sent
+    ends_epoch: bool         # the epoch's last: its last batch may be short
 
-    def __init__(self, plan: StreamPlan, order: Order, num_rows: int):
+
+class BufferRows:
+    """This consumer's rows of one buffer, in sending order, as one record batch of the cache's
+    dtype, filled from its start (`filled` rows so far). `release` drops it (the server ending the
+    stream frees its memory at once)."""
+
+    def __init__(self, plan: StreamPlan, pending: PendingBuffer):
         self.rows: pa.RecordBatch | None = None  # its memory, once allocated
         self.blocks: ReusedBlocks | None = None  # where that memory came from
-        self.num_rows, self.plan, self.order = num_rows, plan, order
+        self.num_rows, self.plan = pending.buffer.num_rows - pending.offset, plan
+        self.ends_epoch = pending.ends_epoch
         self.released: str | None = None
         self.filled = 0
         self.error: BaseException | None = None  # why filling it failed
@@ -128,20 +140,19 @@ def stream_buffers(source: CacheSource, plan: StreamPlan, context, blocks: Reuse
     reader = ThreadPoolExecutor(1, thread_name_prefix="actserve-read")
     copiers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="actserve-copy")
 
-    def fill(shards, buffer: Buffer, offset: int, rows: BufferRows, columns: list[np.ndarray]) -> None:
+    def fill(pending: PendingBuffer, rows: BufferRows, columns: list[np.ndarray]) -> None:
         try:
-            fill_buffer(source, plan, shards, buffer, offset, rows, columns, copiers)
+            fill_buffer(source, plan, pending, rows, columns, copiers)
         except Exception as e:  # noqa: BLE001 - raised where the buffer's batches are taken (a corrupt shard...)
             rows.fail(e)
 
     def read_next():
-        item = next(todo, None)
-        if item is None:
+        pending = next(todo, None)
+        if pending is None:
             return None
-        shards, order, buffer, offset = item
-        rows = hold(BufferRows(plan, order, buffer.num_rows - offset))  # the lease lets go of the one before the last first,
-        columns = rows.allocate(blocks)                           # so that its memory can serve this one
-        reader.submit(fill, shards, buffer, offset, rows, columns)  # runs before the next read_next
+        rows = hold(BufferRows(plan, pending))  # the lease lets go of the one before the last first,
+        columns = rows.allocate(blocks)          # so that its memory can serve this one
+        reader.submit(fill, pending, rows, columns)  # runs before the next read_next
         return rows
 
     try:
@@ -155,18 +166,17 @@ def stream_buffers(source: CacheSource, plan: StreamPlan, context, blocks: Reuse
         copiers.shutdown(wait=False, cancel_futures=True)
 
 
-def pending_buffers(source: CacheSource, plan: StreamPlan, stop: threading.Event) -> Iterator[tuple]:
-    """(shards, order, buffer, offset in the buffer's slice) of each of the request's epochs, one
-    after the other, from the cursor on."""
+def pending_buffers(source: CacheSource, plan: StreamPlan, stop: threading.Event) -> Iterator[PendingBuffer]:
+    """The buffers of each of the request's epochs, one after the other, from the cursor on."""
     yield from epoch_pending(source, plan, plan.order, plan.request.start, stop)
     for later in range(1, plan.request.epochs):
         yield from epoch_pending(source, plan, replace(plan.order, epoch=plan.order.epoch + later), 0, stop)
 
 
 def epoch_pending(source: CacheSource, plan: StreamPlan, order: Order, skip: int,
-                  stop: threading.Event) -> Iterator[tuple]:
-    """(shards, order, buffer, offset in the buffer's slice) of one epoch from row `skip` on. In
-    follow mode, waits for buffers still to be committed, polling the manifest with backoff."""
+                  stop: threading.Event) -> Iterator[PendingBuffer]:
+    """The buffers of one epoch from row `skip` on. In follow mode, waits for buffers still to be
+    committed, polling the manifest with backoff."""
     start = skip
     served = 0
     wait = FOLLOW_POLL[0]
@@ -177,9 +187,11 @@ def epoch_pending(source: CacheSource, plan: StreamPlan, order: Order, skip: int
         pieces, slices = epoch_slices(shards, order, complete=final)
         slices = slices[served:]
         first, skip = locate([hi - lo for _, lo, hi in slices], skip)
-        for index, (run, lo, hi) in enumerate(slices[first:], start=served + first):
+        last = max((i for i, (_, lo, hi) in enumerate(slices) if hi > lo), default=-1)
+        for i, (run, lo, hi) in enumerate(slices[first:], start=first):
             if hi > lo:  # a buffer with fewer rows than consumers leaves some none
-                yield shards, order, make_buffer(index, run, pieces, lo, hi), skip  # built when read: an epoch has ~1,000
+                buffer = make_buffer(served + i, run, pieces, lo, hi)  # built when read: an epoch has ~1,000
+                yield PendingBuffer(shards, order, buffer, skip, final and i == last)
             skip = 0
         served += len(slices)
         if slices:
@@ -193,11 +205,12 @@ def epoch_pending(source: CacheSource, plan: StreamPlan, order: Order, skip: int
         wait = min(2 * wait, FOLLOW_POLL[1])
 
 
-def fill_buffer(source: CacheSource, plan: StreamPlan, shards, buffer: Buffer, offset: int, rows: BufferRows,
+def fill_buffer(source: CacheSource, plan: StreamPlan, pending: PendingBuffer, rows: BufferRows,
                 columns: list[np.ndarray], copiers: ThreadPoolExecutor) -> None:
-    """Copy the consumer's rows of the buffer, from `offset` on, to their places in `columns`, and
-    mark `rows` filled."""
-    wanted = row_indices(buffer, rows.order)[offset:]
+    """Copy the consumer's rows of the buffer, from its offset on, to their places in `columns`,
+    and mark `rows` filled."""
+    shards, buffer = pending.shards, pending.buffer
+    wanted = row_indices(buffer, pending.order)[pending.offset:]
     starts = np.cumsum([0, *buffer.piece_rows])
     widths = [c.shape[1] for c in columns]
     checked: set[tuple] = set()  # pages whose checksum matched, once per buffer
@@ -294,24 +307,19 @@ def cut_batches(buffers: Iterator[BufferRows], batch_size: int) -> Iterator[pa.R
     a buffer copied once that buffer is done)."""
     pieces: list[pa.RecordBatch] = []
     rows = 0
-    epoch = None
     for buffer in buffers:
-        if pieces and buffer.order.epoch != epoch:  # the epoch before ended short of a whole batch
-            yield joined(pieces)
-            pieces, rows = [], 0
-        epoch = buffer.order.epoch
         pos = 0
         while pos < len(buffer):
             n = min(batch_size - rows, len(buffer) - pos)
             pieces.append(buffer.batch(pos, pos + n))
             rows += n
             pos += n
-            if rows == batch_size:
+            if rows == batch_size or (buffer.ends_epoch and pos == len(buffer)):  # an epoch's last may be short
                 yield joined(pieces)
                 pieces, rows = [], 0
         if pieces:  # copied: a view would keep this buffer's block from serving the buffer after next
             pieces = [pa.concat_batches(pieces)]
-    if pieces:
+    if pieces:  # a followed split's last buffer (not known to be the last when it was read)
         yield joined(pieces)
 
 
