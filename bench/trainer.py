@@ -179,10 +179,13 @@ def main():
     p.add_argument("--rounds", type=int, default=1, help="rounds of each figure, served and in memory interleaved; medians")
     p.add_argument("--eval-sequences", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--device", default="cpu", help="where the SAEs train (cuda: the in-memory reference reads GPU memory)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="where the SAEs train (cuda: the in-memory reference reads GPU memory)")
     args = p.parse_args()
     if args.tokens < 1 or args.trainers < 0 or args.rounds < 1:
         p.error("--tokens and --rounds must be >= 1, --trainers >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device on this machine")
     args.batch_size = args.batch_size or (4096 if args.gpt2_small else 2048)
     args.expansion = args.expansion or (32 if args.gpt2_small else 8)
     if args.gpt2_small:
