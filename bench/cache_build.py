@@ -59,22 +59,24 @@ def bench_build(model_dir: Path, corpus: Path, hooks: str, tokens: int, context:
     # starts its own actor and loads the model (part of the end-to-end time)
     build_cache(BuildOptions(**{**opts.__dict__, "out": str(workdir / "warmup"), "tokens": batch * context}),
                 progress=False)
-    threads = host_threads()
+    threads = os.cpu_count() or 1
 
     # the bare forward: the same model as the hosts load, over exactly the cached token batches, in
-    # this process, with the torch thread count the model host used
+    # this process, with the torch thread count the model host uses: every core, torch's default
     model = load_model(str(model_dir), device="cuda" if torch.cuda.is_available() else "cpu")
     model.eval()
     names = resolve_hooks(model, hooks)
     stop = layers_needed(names, model.cfg.n_layers)
-    build_times, started_times, bare_times, seqs = [], [], [], None
+    build_times, started_times, start_times, bare_times, seqs = [], [], [], [], None
     for rep in range(reps):
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
         manifest = build_cache(opts, progress=False)
         build_times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
         hosts = start_model_hosts(opts)
         ray.get([host.describe.remote() for host in hosts])  # started and its model loaded
+        start_times.append(time.perf_counter() - t0)
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
         build_cache(opts, progress=False, hosts=hosts)
@@ -89,19 +91,18 @@ def bench_build(model_dir: Path, corpus: Path, hooks: str, tokens: int, context:
             ])
             batches = [b.to(model.cfg.device) for b in torch.from_numpy(seqs).split(batch)]
         bare_times.append(bare_forward(model, batches, names, stop, threads))
-        if rep == 0 and threads != (os.cpu_count() or 1):
-            every_core = bare_forward(model, batches, names, stop, os.cpu_count() or 1)
-            print(f"  (bare forward with all {os.cpu_count()} cores' torch threads, once: {seqs.size / every_core:,.0f} tok/s)")
         n = seqs.size
         print(f"  rep {rep}: build {n / build_times[-1]:10,.0f} tok/s   on a started host {n / started_times[-1]:10,.0f} "
               f"tok/s   bare forward {n / bare_times[-1]:10,.0f} tok/s", flush=True)
     ray.shutdown()
-    build_s, started_s, bare_s = (float(np.median(t)) for t in (build_times, started_times, bare_times))
+    build_s, started_s, start_s, bare_s = (float(np.median(t)) for t in (build_times, started_times, start_times,
+                                                                          bare_times))
     print(f"build   {n / build_s:12,.0f} tok/s   bare forward {n / bare_s:12,.0f} tok/s   "
           f"ratio {bare_s / build_s:.2f} (goal >= 0.9)   [end to end: host start, model load, tokenize, commits]")
     print(f"build   {n / started_s:12,.0f} tok/s   bare forward {n / bare_s:12,.0f} tok/s   "
           f"ratio {bare_s / started_s:.2f} (goal >= 0.9)   [on a started host: tokenize, commits]")
-    print(f"        [medians of {reps}, {len(names)} hooks, {n:,} tokens, torch threads {threads}]")
+    print(f"        [medians of {reps}, {len(names)} hooks, {n:,} tokens, torch threads {threads}; the model host's start "
+          f"(worker, torch and TransformerLens imports, model load) took {start_s:.1f} s, once per build]")
     return out, manifest
 
 
@@ -120,14 +121,6 @@ def bare_forward(model, batches, names, stop, threads: int) -> float:
             return time.perf_counter() - t0
     finally:
         torch.set_num_threads(before)
-
-
-def host_threads() -> int:
-    """The torch threads one CPU model host on this machine runs its forward with."""
-    from actserve.services import model_host
-
-    rule = getattr(model_host, "cpu_forward_threads", None)  # hosts without it took Ray's num_cpus
-    return rule(os.cpu_count() or 1) if rule else os.cpu_count() or 1
 
 
 def bench_shard_io(out: Path, manifest, repeats: int = 3):

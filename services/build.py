@@ -26,7 +26,7 @@ from actserve.services.manifest import (
     FORMAT_VERSION, SPLITS, add_stats, config_differences, read_manifest, write_manifest,
 )
 from actserve.services.model import WeightProcessing
-from actserve.services.model_host import CONCURRENT_SHARDS, ModelHost, cpu_forward_threads
+from actserve.services.model_host import CONCURRENT_SHARDS, ModelHost
 from actserve.services.ray_runtime import ensure_ray
 from actserve.services.shard_format import DTYPES, shard_group_rows, shard_path
 from actserve.services.storage import CacheError, check_writable, open_url, remove_temporaries
@@ -82,7 +82,7 @@ def start_model_hosts(opts: BuildOptions) -> list:
     cpus = 1 if gpu else max(1, (os.cpu_count() or 1) // opts.actors)
     resources = {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": cpus}
     actor_class = ray.remote(max_concurrency=CONCURRENT_SHARDS, **resources)(ModelHost)
-    threads = None if gpu else cpu_forward_threads(cpus)
+    threads = None if gpu else cpus
     return [actor_class.remote(opts.model, opts.processing, opts.device, threads) for _ in range(opts.actors)]
 
 

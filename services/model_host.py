@@ -23,18 +23,13 @@ from actserve.services.model import WeightProcessing, layers_needed, load_model,
 CONCURRENT_SHARDS = 2  # the actor's max_concurrency: one shard in the forward, one being written
 
 
-def cpu_forward_threads(cpus: int) -> int:
-    """Torch threads for a forward on `cpus` CPU cores while a shard is written beside it: one core
-    is left to the writer (Parquet encoding, sha256, fsync), since an OpenMP forward that shares
-    every core with another busy thread stalls at each barrier waiting for the preempted thread."""
-    return max(1, cpus - 1)
-
-
 class ModelHost:
     def __init__(self, model: str, processing: WeightProcessing, device: str | None = None,
                  cpu_threads: int | None = None):
         """`cpu_threads`: torch's thread count for this process when the forward runs on the CPU
-        (the actor owns its process); None leaves it as it is."""
+        (the actor owns its process): the builder gives every core of the host's share, as torch's
+        default would; the writer's work, ~5% of a shard's forward, shares those cores. None
+        leaves the count as it is."""
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cpu" and cpu_threads:
             torch.set_num_threads(cpu_threads)
