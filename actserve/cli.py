@@ -83,7 +83,7 @@ def cmd_cache_build(args) -> int:
         eval_tokens=args.eval_tokens, context_size=args.context_size, dtype=args.dtype,
         dataset_split=args.split, text_column=args.text_column, token_column=args.token_column,
         storage_options=parse_json_object(args.storage_options, "--storage-options"),
-        actors=args.actors, batch_sequences=args.batch_sequences, shard_mb=args.shard_mb,
+        actors=args.actors, writers=args.writers, batch_sequences=args.batch_sequences, shard_mb=args.shard_mb,
         processing=processing_from(args), device=args.device,
     )
     manifest = build_cache(opts, progress=not args.quiet, ray_address=args.ray_address)
@@ -357,6 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-column", default="", help="read pre-tokenized ids from this column instead of text")
     p.add_argument("--storage-options", default="{}", help="JSON of fsspec options, e.g. '{\"client_kwargs\": {\"endpoint_url\": \"http://...\"}}'")
     p.add_argument("--actors", type=int, default=1, help="model-host actors running in parallel (one GPU each when CUDA is present)")
+    p.add_argument("--writers", type=int, default=0,
+                   help="shards each model host writes at once beside its forward (one writer stores ~0.5 GB/s); "
+                        "0: one on a CPU host, whose forward takes the cores, services/build.py's GPU_WRITERS on "
+                        "a GPU, whose forward outruns one")
     p.add_argument("--batch-sequences", type=int, default=32, help="sequences per forward pass")
     p.add_argument("--shard-mb", type=float, default=128.0, help="target shard size in MiB")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")

@@ -40,7 +40,7 @@ def gpt2_small_random(workdir: Path, tokenizer_dir: Path) -> Path:
 
 
 def bench_build(model_dir: Path, corpus: Path, hooks: str, tokens: int, context: int, batch: int, workdir: Path,
-                reps: int):
+                reps: int, writers: int):
     """Build (end to end, then on a started host) and bare forward `reps` times each,
     interleaved; prints medians and their ratios."""
     import ray
@@ -53,7 +53,7 @@ def bench_build(model_dir: Path, corpus: Path, hooks: str, tokens: int, context:
 
     out = workdir / "bench-cache"
     opts = BuildOptions(model=str(model_dir), dataset=str(corpus), hooks=hooks, out=str(out), tokens=tokens,
-                        context_size=context, batch_sequences=batch)
+                        context_size=context, batch_sequences=batch, writers=writers)
     ensure_ray()
     # warm-up: Ray start and the first worker's imports are one-off costs; each timed build still
     # starts its own actor and loads the model (part of the end-to-end time)
@@ -183,6 +183,7 @@ def main():
     p.add_argument("--context-size", type=int, default=128)
     p.add_argument("--batch-sequences", type=int, default=32)
     p.add_argument("--reps", type=int, default=3, help="interleaved build / bare-forward runs (medians)")
+    p.add_argument("--writers", type=int, default=0, help="the build's --writers (0: its default)")
     args = p.parse_args()
     from actserve.demo import prepare_model
 
@@ -193,7 +194,7 @@ def main():
         model, hooks, tokens = tiny, "blocks.*.hook_resid_pre", args.tokens or 1_000_000
     print(f"device {'cuda' if torch.cuda.is_available() else 'cpu'}, torch threads {torch.get_num_threads()}")
     out, manifest = bench_build(model, corpus, hooks, tokens, args.context_size, args.batch_sequences,
-                                 args.workdir, args.reps)
+                                 args.workdir, args.reps, args.writers)
     bench_shard_io(out, manifest)
 
 

@@ -67,6 +67,9 @@ torch.__version__, 'ray', ray.__version__, 'pyarrow', pyarrow.__version__, 'GPU'
   # the build: GPT-2 small's shape, random weights, all 12 hook_resid_pre, float16, local disk
   step cache_build.log python3 "$repo/bench/cache_build.py" --workdir "$repo/actserve-work" --gpt2-small-random \
     --tokens 262144 --reps 2
+  # the same with one writer per model host, as every host had before GPU hosts got GPU_WRITERS
+  step cache_build_1_writer.log python3 "$repo/bench/cache_build.py" --workdir "$repo/actserve-work" \
+    --gpt2-small-random --tokens 262144 --reps 1 --writers 1
   # a GPT-2-small-sized SAE trainer on the GPU, fed by the stream vs from GPU memory
   step trainer.log python3 "$repo/bench/trainer.py" --gpt2-small /tmp/actserve-gpt2-synthetic --tokens 1048576 --device cuda
   # one stream to the CPU and to the GPU

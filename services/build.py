@@ -1,8 +1,9 @@
 """`actserve cache build`: tokens -> ModelHost actors -> Parquet shards -> committed manifest.
 
-The driver tokenizes, hands each shard's sequences to a ModelHost actor (round robin, two in flight
-per actor: one in its forward while the other is written), and commits finished shards strictly in
-order: after shard k is written, the manifest listing shards 0..k replaces the old one in one write.
+The driver tokenizes, hands each shard's sequences to a ModelHost actor (round robin, 1 + writers
+in flight per actor: one in its forward while the others are written), and commits finished
+shards strictly in order: after shard k is written, the manifest listing shards 0..k replaces the
+old one in one write.
 The split of the token stream into shards is a pure function of the config, so a rerun after a
 crash skips the committed prefix and produces byte-identical shards.
 """
@@ -26,7 +27,7 @@ from actserve.services.manifest import (
     FORMAT_VERSION, SPLITS, add_stats, config_differences, read_manifest, write_manifest,
 )
 from actserve.services.model import WeightProcessing
-from actserve.services.model_host import CONCURRENT_SHARDS, ModelHost
+from actserve.services.model_host import ModelHost
 from actserve.services.ray_runtime import ensure_ray
 from actserve.services.shard_format import DTYPES, shard_group_rows, shard_path
 from actserve.services.storage import CacheError, check_writable, open_url, remove_temporaries
@@ -49,6 +50,7 @@ class BuildOptions:
     prepend_bos: bool = True
     storage_options: dict = field(default_factory=dict)
     actors: int = 1
+    writers: int = 0           # shards each model host writes beside its forward; 0: 1 on CPU, GPU_WRITERS on a GPU
     batch_sequences: int = 32
     shard_mb: float = 128.0
     processing: WeightProcessing = WeightProcessing()
@@ -61,6 +63,7 @@ class BuildOptions:
             (self.context_size >= 2, f"--context-size must be >= 2, got {self.context_size}"),
             (self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}"),
             (self.actors >= 1, f"--actors must be >= 1, got {self.actors}"),
+            (self.writers >= 0, f"--writers must be >= 0, got {self.writers}"),
             (self.batch_sequences >= 1, f"--batch-sequences must be >= 1, got {self.batch_sequences}"),
             (self.shard_mb > 0, f"--shard-mb must be > 0, got {self.shard_mb}"),
             (bool(self.hooks.strip()), "--hooks is empty"),
@@ -68,6 +71,12 @@ class BuildOptions:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+
+# A GPU's forward of GPT-2 small yields activations far faster than one writer thread stores them
+# (~0.5 GB/s: 12 hooks at float16 are 18 KB a token, so ~27k tokens/s); on a CPU host the forward
+# is the slow part and takes the cores, so one writer keeps up.
+GPU_WRITERS = 4
 
 
 def model_reference(model: str) -> str:
@@ -81,9 +90,10 @@ def start_model_hosts(opts: BuildOptions) -> list:
     gpu = opts.device == "cuda" or (opts.device is None and ray.cluster_resources().get("GPU", 0) > 0)
     cpus = 1 if gpu else max(1, (os.cpu_count() or 1) // opts.actors)
     resources = {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": cpus}
-    actor_class = ray.remote(max_concurrency=CONCURRENT_SHARDS, **resources)(ModelHost)
+    writers = opts.writers or (GPU_WRITERS if gpu else 1)
+    actor_class = ray.remote(max_concurrency=1 + writers, **resources)(ModelHost)
     threads = None if gpu else cpus
-    return [actor_class.remote(opts.model, opts.processing, opts.device, threads) for _ in range(opts.actors)]
+    return [actor_class.remote(opts.model, opts.processing, opts.device, threads, writers) for _ in range(opts.actors)]
 
 
 def sequences_per_shard(opts: BuildOptions, n_hooks: int, d_model: int) -> int:
@@ -198,7 +208,7 @@ def run_build(opts: BuildOptions, manifest: Manifest, hosts: list, tokenizer, in
     finished: dict[int, dict] = {}
     next_commit = 0
     tasks = enumerate(shard_tasks(manifest, sequences))
-    max_in_flight = CONCURRENT_SHARDS * len(hosts)
+    max_in_flight = info["shards_at_once"] * len(hosts)
     exhausted = False
     while True:
         while not exhausted and len(in_flight) < max_in_flight:

@@ -112,8 +112,9 @@ def test_duckdb_reads_the_cache(built):
 
 def test_other_dtypes_built_by_one_started_model_host(tiny_model, corpus, ray_session, tmp_path):
     """Two builds on model hosts started once (build_cache's `hosts`), which outlive both."""
-    opts = options(tiny_model, corpus, tmp_path, tokens=256, eval_tokens=0)
+    opts = options(tiny_model, corpus, tmp_path, tokens=256, eval_tokens=0, writers=2)
     hosts = start_model_hosts(opts)
+    assert ray.get(hosts[0].describe.remote())["shards_at_once"] == 3  # its forward and two writers
     try:
         for dtype in ("bfloat16", "float32"):
             manifest = build_cache(replace(opts, out=str(tmp_path / dtype), dtype=dtype), progress=False, hosts=hosts)
@@ -168,7 +169,8 @@ def test_killed_build_resumes_to_identical_cache(tiny_model, corpus, ray_session
     interrupted = read_manifest(str(out))
     assert not interrupted.complete and len(interrupted.train.shards) < interrupted.train.planned_shards
 
-    assert cli_main(cli_build_args(tiny_model, corpus, out)) == 0
+    # resumed with three writers per model host (four shards in flight): the same bytes, in order
+    assert cli_main(cli_build_args(tiny_model, corpus, out) + ["--writers", "3"]) == 0
     want, got = read_manifest(str(reference)), read_manifest(str(out))
     assert got == want
     for shard in list(want.eval.shards) + list(want.train.shards):
@@ -194,6 +196,7 @@ def run_cli_error(capsys, args) -> str:
     ({"--hooks": "blocks.0.hook_resid_pre,blocks.1.mlp.hook_post"}, "blocks.1.mlp.hook_post [256]"),
     ({"--context-size": "4096"}, "n_ctx"),
     ({"--tokens": "0"}, "--tokens must be > 0"),
+    ({"--writers": "-1"}, "--writers must be >= 0"),
     ({"--text-column": "body"}, "no column 'body'"),
     ({"--storage-options": "{not json"}, "--storage-options"),
 ])
