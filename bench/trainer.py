@@ -32,13 +32,18 @@ import time
 from pathlib import Path
 import tempfile
 
+import ray
 import torch
 
+from actserve.clients.evaluator import logits_from
 from actserve.clients.stream import ActivationStream
 from actserve.clients.train_options import TrainOptions
 from actserve.clients.trainer import train, train_from_server
-from actserve.testing import SyntheticSpec, TensorBatches, write_synthetic_cache
 from actserve.services.manifest import read_manifest
+from actserve.services.model import load_model
+from actserve.services.ray_runtime import ensure_ray
+from actserve.services.serve_options import ServeOptions
+from actserve.testing import SyntheticSpec, TensorBatches, spawn_server, write_synthetic_cache
 
 
 def served_order(server: str, url: str, hook: str, tokens: int, batch_size: int, seed: int) -> torch.Tensor:
@@ -109,8 +114,6 @@ def one_trainer(server: str, url: str, manifest, hook: str, source: torch.Tensor
 
 
 def concurrent_trainers(server: str, url: str, manifest, args, work: Path):
-    import ray
-
     count = args.trainers or len(manifest.config.hooks)
     hooks = [manifest.config.hooks[i % len(manifest.config.hooks)] for i in range(count)]  # trainer i's hook
 
@@ -146,9 +149,6 @@ def concurrent_trainers(server: str, url: str, manifest, args, work: Path):
 
 @torch.no_grad()
 def evaluator_cost(manifest, args):
-    from actserve.clients.evaluator import logits_from
-    from actserve.services.model import load_model
-
     model = load_model(manifest.config.model)
     tokens = torch.randint(0, manifest.d_vocab, (args.eval_sequences, manifest.config.context_size))
     for hook in (manifest.config.hooks[0], manifest.config.hooks[-1]):
@@ -190,12 +190,6 @@ def main():
     args.expansion = args.expansion or (32 if args.gpt2_small else 8)
     if args.gpt2_small:
         args.cache = gpt2_small_cache(args.gpt2_small)
-    import ray
-
-    from actserve.services.ray_runtime import ensure_ray
-    from actserve.services.serve_options import ServeOptions
-    from actserve.testing import spawn_server
-
     manifest = read_manifest(args.cache)
     ensure_ray()
     proc, server = spawn_server(ServeOptions(caches=(args.cache,)))

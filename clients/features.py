@@ -38,9 +38,11 @@ from google.protobuf import json_format
 from tqdm import tqdm
 
 from actserve.clients.evaluator import eval_batches, load_saes, splice_layer
+from actserve.clients.feature_page import write_browser, write_sae_index
 from actserve.sae import SAE
 from actserve.sae.metrics import DENSE_THRESHOLD
 from actserve.services.manifest import read_manifest
+from actserve.services.model import WeightProcessing, load_model
 from actserve.services.storage import CacheError
 
 # Non-zero activations are binned by log10(activation): HIST_PER_DECADE bins per decade from
@@ -191,8 +193,6 @@ LOGIT_LENS_TEXT = ("decoder direction W_dec[f], centred (its mean over d_model r
 
 
 def load_model_for(manifest, device: str):
-    from actserve.services.model import WeightProcessing, load_model
-
     processing = json_format.MessageToDict(manifest.config.processing, preserving_proto_field_name=True)
     return load_model(manifest.config.model, device=device,
                       processing=WeightProcessing(**{k: bool(processing.get(k, False)) for k in WeightProcessing.__dataclass_fields__}))
@@ -292,8 +292,6 @@ def first_sequence(manifest) -> int:
 
 
 def write_outputs(root: Path, opts: FeatureOptions, manifest, saes: list[SAE], stats: list[FeatureStats], model) -> None:
-    from actserve.clients.feature_page import write_browser, write_sae_index
-
     text = TokenText(model.tokenizer)
     ctx = manifest.config.context_size
     entries = []
