@@ -7,7 +7,8 @@
   2. shard write and read GB/s against pyarrow writing / reading the same bytes as one plain
      fixed_size_binary table (no actserve code).
 
-  python bench/cache_build.py                       # the tiny model (made under --workdir if missing)
+  python bench/cache_build.py                       # the tiny model (made under --workdir if missing), 1M
+                                                    # tokens (the offline corpus repeated to hold them)
   python bench/cache_build.py --gpt2-small-random   # a GPT-2-small-shaped model with random weights
 """
 from __future__ import annotations
@@ -200,7 +201,7 @@ def main():
     p.add_argument("--tokens", type=int, default=None)
     p.add_argument("--context-size", type=int, default=128)
     p.add_argument("--batch-sequences", type=int, default=32)
-    p.add_argument("--reps", type=int, default=3, help="interleaved build / bare-forward runs (medians)")
+    p.add_argument("--reps", type=int, default=3, help="interleaved build / bare-forward runs (the ratio: the median of their pairs)")
     p.add_argument("--writers", type=int, default=0, help="the build's --writers (0: its default)")
     args = p.parse_args()
     corpus, tiny = prepare_model(args.workdir)
