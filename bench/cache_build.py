@@ -96,8 +96,10 @@ def bench_build(model_dir: Path, corpus: Path, hooks: str, tokens: int, context:
         build_times.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         hosts = start_model_hosts(opts)
-        ray.get([host.describe.remote() for host in hosts])  # started and its model loaded
+        described = ray.get([host.describe.remote() for host in hosts])  # started and its model loaded
         start_times.append(time.perf_counter() - t0)
+        if rep == 0:
+            print(f"  model host on {described[0]['device']}, {described[0]['shards_at_once']} shards in flight", flush=True)
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
         build_cache(opts, progress=False, hosts=hosts)

@@ -8,7 +8,7 @@
 #   bench/gpu_check.sh run    # there: unpacks it to /tmp/site and runs the benchmarks; logs to $OUT
 #
 # With the device tool (the kit, the tiny model's tokenizer and the corpus travel as carried paths):
-#   run(command="bench/gpu_check.sh run", timeout_s=540,
+#   run(command="bench/gpu_check.sh run", timeout_s=570,   # the steps' limits add up to 9 minutes
 #       carry=[".gpu-kit", "actserve-work/tiny-model", "actserve-work/corpus.jsonl"])
 #
 # The kit leaves out Ray's Java jars, dashboard web client and libraries (RLlib, Tune, Serve, Train,
@@ -61,19 +61,28 @@ run() {
   # from elsewhere: Ray puts the driver's directory on its workers' path, and the checkout's actserve/
   # folder is not the installed package (its subpackages live at the checkout's top level)
   cd /tmp/gpu-check-run
-  step device.txt nvidia-smi -L
-  step versions.txt python3 -c "import torch, ray, transformer_lens, pyarrow, actserve.services.build; print('torch', \
+  # the machine, and the write speed of the disk the cache goes to (2 GiB, flushed), which bounds a build
+  step device.txt bash -c "nvidia-smi -L; nproc; free -g | head -2; df -h '$repo' | tail -1; \
+    dd if=/dev/zero of='$repo/actserve-work/dd.tmp' bs=16M count=128 conv=fsync 2>&1 | tail -1; rm -f '$repo/actserve-work/dd.tmp'"
+  step versions.txt timeout 60 python3 -c "import torch, ray, transformer_lens, pyarrow, actserve.services.build; print('torch', \
 torch.__version__, 'ray', ray.__version__, 'pyarrow', pyarrow.__version__, 'GPU', torch.cuda.get_device_name())"
-  # the build: GPT-2 small's shape, random weights, all 12 hook_resid_pre, float16, local disk
-  step cache_build.log python3 "$repo/bench/cache_build.py" --workdir "$repo/actserve-work" --gpt2-small-random \
-    --tokens 262144 --reps 2
-  # the same with one writer per model host, as every host had before GPU hosts got GPU_WRITERS
-  step cache_build_1_writer.log python3 "$repo/bench/cache_build.py" --workdir "$repo/actserve-work" \
-    --gpt2-small-random --tokens 262144 --reps 1 --writers 1
+  # each step has its own limit, so that one that hangs leaves the others their time; the most
+  # wanted figures first. The build: GPT-2 small's shape, random weights, all 12 hook_resid_pre,
+  # float16, local disk; the GPU's utilisation sampled beside it
+  nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -lms 500 >"$out/gpu_util.csv" 2>&1 &
+  local smi=$!
+  step cache_build.log timeout 240 python3 "$repo/bench/cache_build.py" --workdir "$repo/actserve-work" \
+    --gpt2-small-random --tokens 262144 --reps 2
+  kill "$smi" || true
   # a GPT-2-small-sized SAE trainer on the GPU, fed by the stream vs from GPU memory
-  step trainer.log python3 "$repo/bench/trainer.py" --gpt2-small /tmp/actserve-gpt2-synthetic --tokens 1048576 --device cuda
+  step trainer.log timeout 120 python3 "$repo/bench/trainer.py" --gpt2-small /tmp/actserve-gpt2-synthetic \
+    --tokens 1048576 --device cuda
   # one stream to the CPU and to the GPU
-  step stream.log python3 "$repo/bench/stream.py" --dir /tmp/actserve-bench --stream-hooks 1 --shards 32 --epochs 2 --repeat 3
+  step stream.log timeout 60 python3 "$repo/bench/stream.py" --dir /tmp/actserve-bench --stream-hooks 1 --shards 16 \
+    --epochs 2 --repeat 3
+  # the build with one writer per model host, as every host had before GPU hosts got GPU_WRITERS
+  step cache_build_1_writer.log timeout 70 python3 "$repo/bench/cache_build.py" --workdir "$repo/actserve-work" \
+    --gpt2-small-random --tokens 262144 --reps 1 --writers 1
 }
 
 case "${1:-}" in
