@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # The GPU figures of bench/README.md in one run on a lent device machine, which has Python 3.12,
 # PyTorch with CUDA, pyarrow, transformers and numpy but not Ray, TransformerLens, datasets or
-# actserve, and reaches no package index. Two steps:
+# actserve, and reaches no package index. Three commands:
 #
 #   bench/gpu_check.sh pack   # here: what that machine lacks, in the versions of this project's
 #                             # environment, built for CPython 3.12 x86-64, as .gpu-kit/site.tar.xz
 #   bench/gpu_check.sh run    # there: unpacks it to /tmp/site and runs the benchmarks; logs to $OUT
+#   bench/gpu_check.sh storage  # there: the build to memory, and to the disk with 8 and 1 writers
 #
 # With the device tool (the kit, the tiny model's tokenizer and the corpus travel as carried paths):
 #   run(command="bench/gpu_check.sh run", timeout_s=570,   # the steps' limits add up to 9 minutes
 #       carry=[".gpu-kit", "actserve-work/tiny-model", "actserve-work/corpus.jsonl"])
+#   run(command="bench/gpu_check.sh storage", timeout_s=420, carry=[...the same])
 #
 # The kit leaves out Ray's Java jars, dashboard web client and libraries (RLlib, Tune, Serve, Train,
 # Data), which actserve does not use, so that it fits one call's 64 MiB.
@@ -48,19 +50,23 @@ step() {  # step LOG COMMAND...: the command's output to the screen and $out/LOG
   "$@" 2>&1 | tee "$out/$log" || echo "gpu_check: $log: exit status ${PIPESTATUS[0]}" | tee -a "$out/$log"
 }
 
-run() {
+unpack() {  # the kit to /tmp/site, on the path; then into a folder outside the checkout
   out=${OUT:-/tmp/gpu-check}
-  local repo=$PWD
+  repo=$PWD
   if [ ! -f "$kit/site.tar.xz" ]; then
     echo "gpu_check: no $kit/site.tar.xz here: run 'bench/gpu_check.sh pack' on the machine with the project's environment, and carry $kit" >&2
     exit 1
   fi
-  mkdir -p /tmp/site /tmp/gpu-check-run "$out"
+  mkdir -p /tmp/site /tmp/gpu-check-run /dev/shm/actserve-work "$out"
   tar -xJf "$kit/site.tar.xz" -C /tmp/site
   export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
   # from elsewhere: Ray puts the driver's directory on its workers' path, and the checkout's actserve/
   # folder is not the installed package (its subpackages live at the checkout's top level)
   cd /tmp/gpu-check-run
+}
+
+run() {
+  unpack
   # the machine, and the write speed of the disk the cache goes to (2 GiB, flushed), which bounds a build
   step device.txt bash -c "nvidia-smi -L; nproc; free -g | head -2; df -h '$repo' | tail -1; \
     dd if=/dev/zero of='$repo/actserve-work/dd.tmp' bs=16M count=128 conv=fsync 2>&1 | tail -1; rm -f '$repo/actserve-work/dd.tmp'"
@@ -80,13 +86,23 @@ torch.__version__, 'ray', ray.__version__, 'pyarrow', pyarrow.__version__, 'GPU'
   # one stream to the CPU and to the GPU
   step stream.log timeout 60 python3 "$repo/bench/stream.py" --dir /tmp/actserve-bench --stream-hooks 1 --shards 16 \
     --epochs 2 --repeat 3
-  # the build with one writer per model host, as every host had before GPU hosts got GPU_WRITERS
-  step cache_build_1_writer.log timeout 70 python3 "$repo/bench/cache_build.py" --workdir "$repo/actserve-work" \
+}
+
+storage() {  # the same build against its storage: to memory (/dev/shm), and to the disk with 8 and 1 writers
+  unpack
+  cp -r "$repo/actserve-work/tiny-model" "$repo/actserve-work/corpus.jsonl" /dev/shm/actserve-work/
+  step build_to_memory.log timeout 130 python3 "$repo/bench/cache_build.py" --workdir /dev/shm/actserve-work \
+    --gpt2-small-random --tokens 262144 --reps 1
+  step build_8_writers.log timeout 130 python3 "$repo/bench/cache_build.py" --workdir "$repo/actserve-work" \
+    --gpt2-small-random --tokens 262144 --reps 1 --writers 8
+  # one writer per model host, as every host had before GPU hosts got GPU_WRITERS
+  step build_1_writer.log timeout 130 python3 "$repo/bench/cache_build.py" --workdir "$repo/actserve-work" \
     --gpt2-small-random --tokens 262144 --reps 1 --writers 1
 }
 
 case "${1:-}" in
   pack) pack ;;
   run) run ;;
-  *) echo "usage: bench/gpu_check.sh pack|run" >&2; exit 2 ;;
+  storage) storage ;;
+  *) echo "usage: bench/gpu_check.sh pack|run|storage" >&2; exit 2 ;;
 esac
