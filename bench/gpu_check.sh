@@ -6,12 +6,13 @@
 #   bench/gpu_check.sh pack   # here: what that machine lacks, in the versions of this project's
 #                             # environment, built for CPython 3.12 x86-64, as .gpu-kit/site.tar.xz
 #   bench/gpu_check.sh run    # there: unpacks it to /tmp/site and runs the benchmarks; logs to $OUT
-#   bench/gpu_check.sh storage  # there: the build to memory, and to the disk with 8 and 1 writers
+#   bench/gpu_check.sh build  # there: where the build's time goes (bench/build_parts.py), then the
+#                             # build to memory (/dev/shm), and to the disk with 8 and with 1 writer
 #
 # With the device tool (the kit, the tiny model's tokenizer and the corpus travel as carried paths):
 #   run(command="bench/gpu_check.sh run", timeout_s=570,   # the steps' limits add up to 9 minutes
 #       carry=[".gpu-kit", "actserve-work/tiny-model", "actserve-work/corpus.jsonl"])
-#   run(command="bench/gpu_check.sh storage", timeout_s=420, carry=[...the same])
+#   run(command="bench/gpu_check.sh build", timeout_s=570, carry=[...the same])
 #
 # The kit leaves out Ray's Java jars, dashboard web client and libraries (RLlib, Tune, Serve, Train,
 # Data), which actserve does not use, so that it fits one call's 64 MiB.
@@ -88,8 +89,9 @@ torch.__version__, 'ray', ray.__version__, 'pyarrow', pyarrow.__version__, 'GPU'
     --epochs 2 --repeat 3
 }
 
-storage() {  # the same build against its storage: to memory (/dev/shm), and to the disk with 8 and 1 writers
+build() {  # where a GPU build's time goes: its parts apart, then the build to memory and with 8 and 1 writers
   unpack
+  step build_parts.log timeout 150 python3 "$repo/bench/build_parts.py" --workdir "$repo/actserve-work"
   cp -r "$repo/actserve-work/tiny-model" "$repo/actserve-work/corpus.jsonl" /dev/shm/actserve-work/
   step build_to_memory.log timeout 130 python3 "$repo/bench/cache_build.py" --workdir /dev/shm/actserve-work \
     --gpt2-small-random --tokens 262144 --reps 1
@@ -103,6 +105,6 @@ storage() {  # the same build against its storage: to memory (/dev/shm), and to 
 case "${1:-}" in
   pack) pack ;;
   run) run ;;
-  storage) storage ;;
-  *) echo "usage: bench/gpu_check.sh pack|run|storage" >&2; exit 2 ;;
+  build) build ;;
+  *) echo "usage: bench/gpu_check.sh pack|run|build" >&2; exit 2 ;;
 esac

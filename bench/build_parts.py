@@ -1,0 +1,113 @@
+"""Where a build's time goes: the model host's parts timed apart, in one process, without Ray.
+
+On a GPU the build ran at 0.41-0.45 of the bare forward, to the disk and to memory alike, and 8
+writers did no better than 4 (bench/README.md). This tells which part holds it back: the host's
+forward with its statistics and copies against the bare forward; shard writes alone, by 1, 4 and 8
+threads at once; and the host as its actor runs it (the forward under its lock, 4 or 8 writes
+beside it), to the disk and to /dev/shm.
+
+  python bench/build_parts.py --workdir actserve-work [--model DIR] [--shards 36]
+
+The model defaults to bench/cache_build.py's GPT-2-small-shaped one with random weights; shards are
+written under WORKDIR/build-parts and /dev/shm/build-parts.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from actserve.services.model import WeightProcessing, layers_needed
+from actserve.services.model_host import ModelHost
+from actserve.services.shard_format import shard_group_rows, write_shard
+from actserve.services.storage import open_url
+from cache_build import gpt2_small_random  # bench/ is this script's directory
+
+CTX, SEQ_PER_SHARD, BATCH = 128, 56, 32  # GPT-2 small's 12 hooks at float16: 56 sequences fill a 128 MiB shard
+HOOKS = "blocks.*.hook_resid_pre"
+
+
+def clock(fn):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--workdir", type=Path, default=Path("actserve-work"))
+    p.add_argument("--model", default=None)
+    p.add_argument("--shards", type=int, default=36)
+    args = p.parse_args()
+    args.out = args.workdir / "build-parts"
+    model_dir = args.model or str(gpt2_small_random(args.workdir, args.workdir / "tiny-model"))
+    host = ModelHost(model_dir, WeightProcessing(), writers=4)
+    print(f"{model_dir} on {host.device}", flush=True)
+    hooks = host.resolve_hooks(HOOKS)
+    rng = np.random.default_rng(0)
+    shards = [rng.integers(0, 4096, (SEQ_PER_SHARD, CTX)).astype(np.int32) for _ in range(args.shards)]
+    tokens = args.shards * SEQ_PER_SHARD * CTX
+    model, stop = host.model, layers_needed(hooks, host.model.cfg.n_layers)
+
+    def bare():
+        with torch.inference_mode():
+            for s in shards:
+                for b in torch.from_numpy(s).split(BATCH):
+                    model.run_with_cache(b.to(host.device), names_filter=hooks, stop_at_layer=stop)
+
+    def acts_only():
+        for s in shards:
+            host.activations(s, hooks, "float16", BATCH, True)
+
+    def line(what, seconds):
+        print(f"{what:<62} {seconds:7.3f} s  {tokens / seconds:10,.0f} tok/s", flush=True)
+
+    bare()
+    line("bare forward (run_with_cache, nothing kept)", clock(bare))
+    line("host.activations: forward, stats, cast, copy to pinned, cold", clock(acts_only))
+    line("host.activations: the same, warm", clock(acts_only))
+    line("bare forward again", clock(bare))
+
+    # the shards' layout as a build lays it out: position-major rows, in the builder's row groups
+    layout = SimpleNamespace(hooks=hooks, dtype="float16", position_major=True, sequences_per_shard=SEQ_PER_SHARD,
+                             context_size=CTX)
+    group_rows = shard_group_rows(layout, model.cfg.d_model)
+    acts, _ = host.activations(shards[0], hooks, "float16", BATCH, True)
+    gb = sum(a.numel() * a.element_size() for a in acts.values()) / 1e9
+    for where in (args.out, Path("/dev/shm/build-parts")):
+        fs, root = open_url(str(where))
+        for threads in (1, 4, 8):
+            shutil.rmtree(where, ignore_errors=True)
+            n = 2 * threads
+            with ThreadPoolExecutor(threads) as pool:
+                seconds = clock(lambda: list(pool.map(
+                    lambda i: write_shard(fs, f"{root}/s{i}.parquet", shards[0], 0, acts, hooks, "float16", group_rows,
+                                          True), range(n))))
+            print(f"write_shard to {where}, {threads} thread(s) at once, {n} shards: {n * gb / seconds:6.2f} GB/s "
+                  f"({n * gb / seconds / threads:.2f} GB/s a thread)", flush=True)
+        shutil.rmtree(where, ignore_errors=True)
+
+    # the model host as its actor runs it: 1 + writers threads each calling write_shard (the
+    # forward under the host's lock, the write beside the next shard's forward)
+    for where in (args.out, Path("/dev/shm/build-parts")):
+        for writers in (4, 8):
+            shutil.rmtree(where, ignore_errors=True)
+            with ThreadPoolExecutor(1 + writers) as pool:
+                seconds = clock(lambda: list(pool.map(
+                    lambda i: host.write_shard(str(where), {}, f"s{i}.parquet", shards[i], 0, hooks, "float16", BATCH,
+                                               True, group_rows, True), range(len(shards)))))
+            line(f"host.write_shard to {where}, {writers} writers", seconds)
+        shutil.rmtree(where, ignore_errors=True)
+
+if __name__ == "__main__":
+    main()
