@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from actserve.proto.manifest_pb2 import BuildConfig, Manifest, Shard
-from actserve.services.shard_format import (DTYPES, decode_activations, in_sequence_order, read_shard, shard_group_rows,
-                                            shard_path, write_shard)
+from actserve.services.shard_format import (DTYPES, decode_activations, in_row_order, in_sequence_order, read_shard,
+                                            shard_group_rows, shard_path, write_shard)
 from actserve.services.manifest import FORMAT_VERSION, add_stats, write_manifest
 from actserve.services.serve_options import ServeOptions
 from actserve.services.storage import open_url
@@ -81,7 +81,8 @@ class SyntheticCache:
             acts = {h: torch.from_numpy(rng.standard_normal((rows, s.d_model), dtype=np.float32)).to(DTYPES[s.dtype])
                     for h in s.hooks}
             path = shard_path(split, index)
-            written = write_shard(self.fs, f"{self.root}/{path}", tokens, first, acts, list(s.hooks), s.dtype,
+            in_rows = {h: in_row_order(v, s.sequences_per_shard, s.position_major) for h, v in acts.items()}
+            written = write_shard(self.fs, f"{self.root}/{path}", tokens, first, in_rows, list(s.hooks), s.dtype,
                                   shard_group_rows(self.manifest.config, s.d_model), s.position_major)
             target.shards.append(Shard(path=path, num_rows=rows, num_bytes=written.size, sha256=written.sha256,
                                        first_sequence=first,

@@ -67,7 +67,7 @@ def main():
 
     def acts_only():
         for s in shards:
-            host.activations(s, hooks, "float16", BATCH, True)
+            host.activations(s, hooks, "float16", BATCH, True, True)
 
     def line(what, seconds):
         print(f"{what:<62} {seconds:7.3f} s  {tokens / seconds:10,.0f} tok/s", flush=True)
@@ -82,7 +82,7 @@ def main():
     layout = SimpleNamespace(hooks=hooks, dtype="float16", position_major=True, sequences_per_shard=SEQ_PER_SHARD,
                              context_size=CTX)
     group_rows = shard_group_rows(layout, model.cfg.d_model)
-    acts, _ = host.activations(shards[0], hooks, "float16", BATCH, True)
+    acts, _ = host.activations(shards[0], hooks, "float16", BATCH, True, True)
     gb = sum(a.numel() * a.element_size() for a in acts.values()) / 1e9
     for where in (args.out, Path("/dev/shm/build-parts")):
         fs, root = open_url(str(where))

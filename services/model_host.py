@@ -74,25 +74,31 @@ class ModelHost:
 
     @torch.inference_mode()
     def activations(
-        self, tokens: np.ndarray, hooks: list[str], dtype: str, batch_sequences: int, skip_bos: bool
+        self, tokens: np.ndarray, hooks: list[str], dtype: str, batch_sequences: int, skip_bos: bool,
+        position_major: bool,
     ) -> tuple[dict[str, torch.Tensor], dict[str, tuple]]:
-        """Activations {hook: [n_seq * ctx, d_model] CPU tensor of dtype} and per-hook float64
-        sums (vector sum, norm sum, squared-norm sum, count), position 0 left out when skip_bos.
+        """Activations {hook: [n_seq * ctx, d_model] CPU tensor of dtype} in the shard's row order
+        (position-major if asked: row p * n_seq + s is position p of sequence s), and per-hook
+        float64 sums (vector sum, norm sum, squared-norm sum, count), position 0 left out when
+        skip_bos.
 
-        On CUDA the activations are cast on the device (half the bytes cross the bus for 16-bit
-        dtypes) and copied asynchronously into pinned host memory; the one synchronisation is at
-        the end of the shard. On CPU, copy_ casts in its single pass over the values."""
+        Each batch is cast and copied into its place in the shard's layout in one pass on the
+        device (on a GPU, half the bytes then cross the bus for 16-bit dtypes, in one asynchronous
+        copy per hook into pinned host memory; the one synchronisation is at the end of the
+        shard), so the writer never reorders rows."""
         n_seq, ctx = tokens.shape
         d_model = self.model.cfg.d_model
         cuda = self.device.type == "cuda"
         out_dtype = DTYPES[dtype]
-        out = {h: torch.empty((n_seq, ctx, d_model), dtype=out_dtype, pin_memory=cuda) for h in hooks}
+        layout = (ctx, n_seq, d_model) if position_major else (n_seq, ctx, d_model)
+        staged = {h: torch.empty(layout, dtype=out_dtype, device=self.device) for h in hooks}
         vector_sums = torch.zeros((len(hooks), d_model), dtype=torch.float64, device=self.device)
         norm_sums = torch.zeros((len(hooks), 2), dtype=torch.float64, device=self.device)  # sum |x|, sum |x|^2
         stop = layers_needed(hooks, self.model.cfg.n_layers)
         all_tokens = torch.from_numpy(tokens)
         for start in range(0, n_seq, batch_sequences):
             batch = all_tokens[start:start + batch_sequences].to(self.device)
+            end = start + len(batch)
             _, cache = self.model.run_with_cache(batch, names_filter=hooks, stop_at_layer=stop)
             for i, h in enumerate(hooks):
                 acts = cache[h]  # [batch, ctx, d_model] float32, on device
@@ -101,7 +107,15 @@ class ModelHost:
                 vector_sums[i] += body.sum(0, dtype=torch.float64)
                 norm_sums[i, 0] += norms.sum()
                 norm_sums[i, 1] += norms.square().sum()
-                out[h][start:start + len(batch)].copy_(acts.to(out_dtype) if cuda else acts, non_blocking=cuda)
+                if position_major:
+                    staged[h][:, start:end].copy_(acts.transpose(0, 1))
+                else:
+                    staged[h][start:end].copy_(acts)
+        if cuda:
+            out = {h: torch.empty(layout, dtype=out_dtype, pin_memory=True).copy_(staged[h], non_blocking=True)
+                   for h in hooks}
+        else:
+            out = staged
         vector_sums, norm_sums = vector_sums.cpu().numpy(), norm_sums.cpu().numpy()  # waits for the copies too
         count = n_seq * (ctx - 1 if skip_bos else ctx)
         return ({h: out[h].view(-1, d_model) for h in hooks},
@@ -124,7 +138,7 @@ class ModelHost:
         """Compute and write one shard (not yet committed: the builder lists it in the manifest).
         The forward holds the lock; the write runs outside it, beside the next call's forward."""
         with self.forward_lock:
-            acts, sums = self.activations(tokens, hooks, dtype, batch_sequences, skip_bos)
+            acts, sums = self.activations(tokens, hooks, dtype, batch_sequences, skip_bos, position_major)
         fs, root = open_url(url, storage_options)
         written = write_shard(fs, f"{root}/{path}", tokens, first_sequence, acts, hooks, dtype, group_rows, position_major)
         return {"path": path, "num_rows": tokens.size, "num_bytes": written.size, "sha256": written.sha256,

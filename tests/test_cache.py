@@ -18,7 +18,8 @@ import ray
 import torch
 
 from actserve.services.build import BuildOptions, build_cache, start_model_hosts
-from actserve.services.shard_format import decode_activations, in_sequence_order, read_shard
+from actserve.services.model_host import ModelHost
+from actserve.services.shard_format import decode_activations, in_sequence_order, read_shard, write_shard
 from actserve.services.storage import open_url
 from actserve.services.manifest import read_manifest
 from actserve.services.model import WeightProcessing
@@ -81,6 +82,28 @@ def test_activations_equal_run_with_cache(built, tiny_model, corpus):
             got = decode_activations(table.column(hook), "float16", manifest.d_model).float()
             want = cache[hook].reshape(-1, manifest.d_model)
             torch.testing.assert_close(got, want, atol=2e-3 * want.abs().max().item(), rtol=1e-2)
+
+
+def test_both_shard_layouts_hold_the_same_rows(tiny_model, tmp_path):
+    """A model host lays each shard out as the writer stores it: position-major (new caches) or in
+    sequence order (a build resumed into a cache started before position-major shards). Read back
+    in sequence order, both hold the same tokens and activations, row for row."""
+    host = ModelHost(str(tiny_model), WeightProcessing())
+    hooks = host.resolve_hooks(HOOKS)
+    tokens = np.random.default_rng(0).integers(1, 100, (5, 16)).astype(np.int32)
+    fs, root = open_url(str(tmp_path))
+    tables, sums = {}, {}
+    for position_major in (True, False):
+        acts, sums[position_major] = host.activations(tokens, hooks, "float32", 2, True, position_major)
+        path = f"{root}/{position_major}.parquet"
+        write_shard(fs, path, tokens, 7, acts, hooks, "float32", 16, position_major)
+        tables[position_major] = in_sequence_order(pq.read_table(path), 16, position_major)
+    for column in ("sequence", "position", "token", *hooks):
+        assert tables[True].column(column).equals(tables[False].column(column)), column
+    np.testing.assert_array_equal(tables[True].column("token").to_numpy().reshape(5, 16), tokens)
+    np.testing.assert_array_equal(tables[True].column("sequence").to_numpy(), np.repeat(np.arange(7, 12), 16))
+    for hook in hooks:
+        np.testing.assert_array_equal(sums[True][hook][0], sums[False][hook][0])
 
 
 def test_splits_and_manifest(built):
