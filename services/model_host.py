@@ -8,7 +8,8 @@ travel back to the builder.
 The actor takes 1 + `writers` `write_shard` calls at once: a lock lets one run its forward while
 the others encode, hash and write the shards before it, so the model never waits for storage
 while the writers keep up. One writer thread does ~0.5 GB/s (Parquet encode, sha256, fsync), and
-the writes release the GIL, so writers add up (two did 0.9 GB/s on 2 cores). Per-hook statistics
+the writes release the GIL, so writers add up (two did 0.9 GB/s on 2 cores), up to a point (on an
+H100 host, 8 did no better than 4: ~1.2 GB/s of shards). Per-hook statistics
 accumulate on the device and are read once per shard.
 """
 from __future__ import annotations
