@@ -133,11 +133,11 @@ def write_shard(
     position_major: bool,
 ) -> Written:
     """Write one shard atomically: tokens [n_seq, ctx] in sequence order, activations {hook:
-    [n_seq*ctx, d_model]} already in the shard's row order (position-major if asked: the model
-    host lays them out so as it copies them off the device, `in_row_order` otherwise; reordering
-    here would be one more pass over the shard's bytes), in row groups of group_rows rows
-    (`shard_group_rows`). Returns its size in bytes and sha256, for the manifest. Not committed
-    until a manifest lists it."""
+    [n_seq*ctx, d_model]} already in the shard's row order (position-major if asked). The model
+    host puts them in that order as it copies them off the device, other callers with
+    `in_row_order`: reordering here would be one more pass over the shard's bytes. Row groups of
+    group_rows rows (`shard_group_rows`). Returns its size in bytes and sha256, for the manifest.
+    Not committed until a manifest lists it."""
     n_seq, ctx = tokens.shape
     d_model = activations[hooks[0]].shape[1]
     schema = shard_schema(hooks, d_model, dtype)
