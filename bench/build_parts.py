@@ -44,12 +44,13 @@ def clock(fn):
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--workdir", type=Path, default=Path("actserve-work"))
-    p.add_argument("--model", default=None)
-    p.add_argument("--shards", type=int, default=36)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", type=Path, default=Path("actserve-work"),
+                   help="holds tiny-model/ (its tokenizer) and gets the model and the shards written")
+    p.add_argument("--model", default=None, help="a local model directory (default: GPT-2 small's shape, random weights)")
+    p.add_argument("--shards", type=int, default=36, help="shards of 56 x 128 tokens (36: the GPU bench's 262,144 tokens)")
     args = p.parse_args()
-    args.out = args.workdir / "build-parts"
+    places = (args.workdir / "build-parts", Path("/dev/shm/build-parts"))  # the disk, and memory
     model_dir = args.model or str(gpt2_small_random(args.workdir, args.workdir / "tiny-model"))
     host = ModelHost(model_dir, WeightProcessing(), writers=4)
     print(f"{model_dir} on {host.device}", flush=True)
@@ -84,7 +85,7 @@ def main():
     group_rows = shard_group_rows(layout, model.cfg.d_model)
     acts, _ = host.activations(shards[0], hooks, "float16", BATCH, True, True)
     gb = sum(a.numel() * a.element_size() for a in acts.values()) / 1e9
-    for where in (args.out, Path("/dev/shm/build-parts")):
+    for where in places:
         fs, root = open_url(str(where))
         for threads in (1, 4, 8):
             shutil.rmtree(where, ignore_errors=True)
@@ -99,7 +100,7 @@ def main():
 
     # the model host as its actor runs it: 1 + writers threads each calling write_shard (the
     # forward under the host's lock, the write beside the next shard's forward)
-    for where in (args.out, Path("/dev/shm/build-parts")):
+    for where in places:
         for writers in (4, 8):
             shutil.rmtree(where, ignore_errors=True)
             with ThreadPoolExecutor(1 + writers) as pool:
