@@ -33,6 +33,7 @@ from actserve.services.build import BuildOptions, build_cache, start_model_hosts
 from actserve.services.data import DatasetSpec, iter_documents
 from actserve.services.model import layers_needed, load_model, resolve_hooks
 from actserve.services.ray_runtime import ensure_ray
+from actserve.services.process_memory import keep_freed_heap_memory
 from actserve.services.shard_format import (
     decode_activations, in_sequence_order, read_shard, shard_group_rows, write_shard,
 )
@@ -83,7 +84,10 @@ def bench_build(model_dir: Path, corpus: Path, hooks: str, tokens: int, context:
     threads = os.cpu_count() or 1
 
     # the bare forward: the same model as the hosts load, over exactly the cached token batches, in
-    # this process, with the torch thread count the model host uses: every core, torch's default
+    # this process, with the torch thread count the model host uses: every core, torch's default;
+    # and glibc's freed memory kept, as the model host keeps it: with glibc's defaults the forward
+    # faulted its freed megabytes in again, at 0.5-0.7 of its speed on some runs and not others
+    keep_freed_heap_memory()
     model = load_model(str(model_dir), device="cuda" if torch.cuda.is_available() else "cpu")
     model.eval()
     names = resolve_hooks(model, hooks)
