@@ -35,6 +35,7 @@ from actserve.sae.metrics import StreamingMetrics, plot_log10_feature_density
 from actserve.services.storage import CacheError, open_url
 from actserve.services.shard_format import decode_activations, in_sequence_order, read_shard
 from actserve.services.manifest import read_manifest
+from actserve.services.process_memory import keep_freed_heap_memory
 from actserve.services.model import WeightProcessing, load_model
 
 
@@ -153,6 +154,7 @@ def evaluate(opts: EvalOptions, progress: bool = True, model=None) -> list[dict]
         raise CacheError(f"no cache at {opts.cache}")
     if not manifest.eval.shards:
         raise CacheError(f"{opts.cache} has no eval split: build it with --eval-tokens")
+    keep_freed_heap_memory()  # the forwards free and allocate megabytes: 3.6M pages faulted in again a demo eval
     scores = load_saes(opts.saes, manifest, opts.device)
     if model is None:
         processing = json_format.MessageToDict(manifest.config.processing, preserving_proto_field_name=True)

@@ -9,8 +9,8 @@
 A background thread reads a few batches ahead (`prefetch`) and turns each Arrow batch into tensors
 that view Arrow's buffers (no copy; one copy into pinned memory when the device is CUDA, then a
 non-blocking transfer). Activations travel in the cache's dtype and are converted on the device.
-A stream over Flight makes the process keep glibc's freed heap memory, up to 128 MiB at the heap's
-top (services/process_memory.py: keep_freed_heap_memory), so that gRPC's receive buffers are reused.
+A stream over Flight makes the process keep glibc's freed heap memory (services/process_memory.py:
+keep_freed_heap_memory), so that gRPC's receive buffers are reused.
 One call asks for every epoch still to read (StreamRequest.epochs), so the server prepares each
 epoch while the one before is sent; the stream counts each epoch's rows out of it.
 

@@ -21,6 +21,7 @@ from actserve.clients.out_lock import hold_out_lock
 from actserve.clients.stream import ActivationStream
 from actserve.clients.train_options import TrainOptions, grid_points
 from actserve.sae import SAEConfig, StreamingMetrics, TrainConfig, Trainer, build_sae, sae_files
+from actserve.services.process_memory import keep_freed_heap_memory
 from actserve.services.storage import write_local_file
 
 CHECKPOINT = "checkpoint.pt"
@@ -78,6 +79,7 @@ def train(opts: TrainOptions, source, d_in: int, stats, model_name: str = "", co
           progress: bool = True) -> list[Path]:
     """Train every grid point on the same batches from `source`: an iterable of {hook: tensor}
     with state_dict() / load_state_dict() (an ActivationStream, or actserve.testing.TensorBatches)."""
+    keep_freed_heap_memory()  # a CPU step frees and allocates tens of MB: ~100,000 pages faulted in again at the defaults
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     out_lock = hold_out_lock(out)  # noqa: F841 - one trainer per --out, held until train() returns

@@ -20,9 +20,10 @@ HUGE_PAGE = 2 << 20  # bytes of a transparent huge page on x86-64 Linux
 HUGE_PAGED_MIN_BYTES = 32 << 20  # buffers below this stay in ordinary pages (allocate_huge_paged)
 MADV_HUGEPAGE = 14
 # glibc's mallopt parameters (malloc.h) and the values keep_freed_heap_memory sets
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
-HEAP_MMAP_THRESHOLD = 32 << 20  # allocations below this come from the heap (glibc's dynamic maximum)
-HEAP_TRIM_THRESHOLD = 128 << 20  # free memory at the heap's top kept up to this
+M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
+# free memory at the heap's top kept up to this: a CPU training step at the library's defaults
+# (4,096 tokens x d_sae 4,096) frees ~0.5 GB; with 128 MiB kept it faulted 30-50k pages a step
+HEAP_TRIM_THRESHOLD = 1 << 30
 REUSE_WAIT, REUSE_POLL = 0.05, 0.001  # seconds a trainer process's ReusedBlocks waits for a block in use, and between looks
 LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 if LIBC is not None:
@@ -170,15 +171,22 @@ def rounded_up(nbytes: int) -> int:
 @functools.cache
 def keep_freed_heap_memory() -> bool:
     """Keep glibc's freed heap memory in this process for reuse (mallopt; False where libc is not
-    glibc). gRPC receives each Flight message (6 MB for a batch of 4,096 GPT-2-width tokens) into
-    buffers from malloc, on its own threads. By default glibc maps allocations of 128 KiB up afresh
-    (rising that threshold only to the largest size freed so far), gives the heap's top back once
-    more than twice that is free there, and gives threads arenas of 64 MiB heaps that it unmaps as
-    soon as one is wholly free: a client faulted in a fresh 4 KiB page every ~14-50 KB received
-    (0.15-0.7 s of system time per GB). Here allocations below HEAP_MMAP_THRESHOLD come from the
-    heap, up to HEAP_TRIM_THRESHOLD of free memory stays at its top, and threads that allocate for
-    the first time share the main arena. Process-wide, once; called before a stream's first call."""
+    glibc). By default glibc maps allocations of 128 KiB up afresh (rising that threshold only to
+    the largest size freed so far, at most 32 MiB), gives the heap's top back once more than twice
+    that is free there, and gives threads arenas of 64 MiB heaps that it unmaps as soon as one is
+    wholly free; every page given back is faulted in again at its next use. That cost:
+    - a stream client, whose gRPC threads receive each Flight message (6 MB for a batch of 4,096
+      GPT-2-width tokens) into buffers from malloc, a fresh 4 KiB page every ~14-50 KB received
+      (0.15-0.7 s of system time per GB);
+    - a CPU forward of the tiny model, which frees and allocates megabytes in every layer, 30-50%
+      of its speed (~18 faults a token), on some runs and not others;
+    - a CPU SAE training step at the library's defaults (4,096 tokens, d_sae 4,096 for the tiny
+      model: 64 MB activations), ~100,000 faults and a third of its speed.
+    Here no allocation is mapped afresh (all come from the heap), up to HEAP_TRIM_THRESHOLD of free
+    memory stays at the heap's top, and threads that allocate for the first time share the main
+    arena. Process-wide, once: called where a model host starts, before a stream's first call, and
+    where a trainer starts."""
     if LIBC is None or platform.libc_ver()[0] != "glibc":
         return False
     return all(LIBC.mallopt(option, value) == 1 for option, value in
-               ((M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD), (M_TRIM_THRESHOLD, HEAP_TRIM_THRESHOLD), (M_ARENA_MAX, 1)))
+               ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, HEAP_TRIM_THRESHOLD), (M_ARENA_MAX, 1)))

@@ -225,16 +225,18 @@ if sys.argv[1] == "keep":
     assert keep_freed_heap_memory()
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
-size = 6 << 20  # one Flight message of a 4,096-token GPT-2-width batch
-def receive():  # four messages in flight, received, then freed
-    blocks = [libc.malloc(size) for _ in range(4)]
-    for block in blocks:
+# four Flight messages of a 4,096-token GPT-2-width batch in flight, and a demo-sized SAE step's
+# activations (4,096 x 2,048 float32: above the 32 MiB glibc maps afresh whatever it was freed)
+sizes = [6 << 20] * 4 + [4096 * 2048 * 4]
+def use_and_free():  # allocated, written, then freed
+    blocks = [libc.malloc(size) for size in sizes]
+    for block, size in zip(blocks, sizes):
         ctypes.memset(block, 1, size)
     for block in blocks:
         libc.free(block)
 faults = []
 for _ in range(6):  # on this thread, then on a thread of its own, as gRPC's are
-    for run in (receive, lambda: (t := threading.Thread(target=receive), t.start(), t.join())):
+    for run in (use_and_free, lambda: (t := threading.Thread(target=use_and_free), t.start(), t.join())):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         run()
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -243,14 +245,15 @@ print(sum(faults[4::2]), sum(faults[5::2]))  # after two rounds (a thread may ge
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
-def test_freed_receive_buffers_are_reused_not_faulted_in_again():
-    """The allocation pattern of gRPC's receive buffers: with keep_freed_heap_memory (which a Flight
-    stream calls) no page is faulted in again once warm, on the main thread or another;
-    with glibc's defaults every page is, every round."""
+def test_freed_heap_memory_is_reused_not_faulted_in_again():
+    """The allocation pattern of gRPC's receive buffers and a training step's activations: with
+    keep_freed_heap_memory (which a Flight stream, a trainer and a model host call) no page is
+    faulted in again once warm, on the main thread or another; with glibc's defaults every page
+    is, every round."""
     faults = {mode: [int(n) for n in subprocess.run([sys.executable, "-c", HEAP_REUSE_PROBE, mode], check=True,
                                                     capture_output=True, text=True).stdout.split()]
               for mode in ("default", "keep")}
-    pages = 4 * 4 * (6 << 20) // 4096  # touched after two rounds, on each kind of thread
+    pages = 4 * (4 * (6 << 20) + 4096 * 2048 * 4) // 4096  # touched after two rounds, on each kind of thread
     assert max(faults["keep"]) < 0.02 * pages < min(faults["default"]), faults
 
 
