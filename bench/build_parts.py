@@ -1,10 +1,16 @@
-"""Where a build's time goes: the model host's parts timed apart, in one process, without Ray.
+"""Where a build's time goes: the model host's parts timed apart, without Ray.
 
 On a GPU the build ran at 0.41-0.45 of the bare forward, to the disk and to memory alike, and 8
 writers did no better than 4 (bench/README.md). This tells which part holds it back: the host's
 forward with its statistics and copies against the bare forward; shard writes alone, by 1, 4 and 8
-threads at once; and the host as its actor runs it (the forward under its lock, 4 or 8 writes
-beside it), to the disk and to /dev/shm.
+threads at once; the host's forward beside 4 or 8 writers that never stop, as threads of its
+process (as the actor runs them) and as processes of their own; and the host as its actor runs
+it (the forward under its lock, 4 or 8 writes beside it), to the disk and to /dev/shm.
+
+If the forward slows beside writing threads but not beside writing processes, the writers' share
+of the host's process (the GIL, between a GPU forward's many small launches) holds the build back,
+and writers belong in a process of their own; if it slows beside both, the machine does (memory
+bandwidth, the page cache).
 
   python bench/build_parts.py --workdir actserve-work [--model DIR] [--shards 36]
 
@@ -14,7 +20,10 @@ written under WORKDIR/build-parts and /dev/shm/build-parts.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import multiprocessing
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -41,6 +50,52 @@ def clock(fn):
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter() - t0
+
+
+def shard_layout(hooks: list[str]) -> SimpleNamespace:
+    """The cache config a build lays these shards out by: position-major rows, the builder's row groups."""
+    return SimpleNamespace(hooks=hooks, dtype="float16", position_major=True, sequences_per_shard=SEQ_PER_SHARD,
+                           context_size=CTX)
+
+
+def write_forever(where: str, index: int, n_hooks: int, d_model: int, ready, stop, written) -> None:
+    """One writer: a shard of random values in the build's layout, written to its own file over and
+    over until `stop` is set; `ready` counts the writers started, `written` the shards written."""
+    hooks = [f"blocks.{i}.hook_resid_pre" for i in range(n_hooks)]
+    acts = {h: torch.randn(SEQ_PER_SHARD * CTX, d_model).half() for h in hooks}
+    tokens = np.zeros((SEQ_PER_SHARD, CTX), dtype=np.int32)
+    group_rows = shard_group_rows(shard_layout(hooks), d_model)
+    fs, root = open_url(where)
+    with ready.get_lock():
+        ready.value += 1
+    while not stop.is_set():
+        write_shard(fs, f"{root}/w{index}.parquet", tokens, 0, acts, hooks, "float16", group_rows, True)
+        with written.get_lock():
+            written.value += 1
+
+
+@contextlib.contextmanager
+def writing(where: Path, writers: int, processes: bool, n_hooks: int, d_model: int):
+    """`writers` write_forever threads of this process, or processes of their own, writing under
+    `where` from when this enters until it exits; yields the count of shards written."""
+    spawn = multiprocessing.get_context("spawn")  # CUDA does not survive a fork
+    ready, written, stop = spawn.Value("i", 0), spawn.Value("i", 0), spawn.Event()
+    kind = spawn.Process if processes else threading.Thread
+    workers = [kind(target=write_forever, args=(str(where), i, n_hooks, d_model, ready, stop, written))
+               for i in range(writers)]
+    shutil.rmtree(where, ignore_errors=True)
+    where.mkdir(parents=True)
+    for worker in workers:
+        worker.start()
+    while ready.value < writers:
+        time.sleep(0.05)
+    try:
+        yield written
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join()
+        shutil.rmtree(where, ignore_errors=True)
 
 
 def main():
@@ -79,10 +134,7 @@ def main():
     line("host.activations: the same, warm", clock(acts_only))
     line("bare forward again", clock(bare))
 
-    # the shards' layout as a build lays it out: position-major rows, in the builder's row groups
-    layout = SimpleNamespace(hooks=hooks, dtype="float16", position_major=True, sequences_per_shard=SEQ_PER_SHARD,
-                             context_size=CTX)
-    group_rows = shard_group_rows(layout, model.cfg.d_model)
+    group_rows = shard_group_rows(shard_layout(hooks), model.cfg.d_model)
     acts, _ = host.activations(shards[0], hooks, "float16", BATCH, True, True)
     gb = sum(a.numel() * a.element_size() for a in acts.values()) / 1e9
     for where in places:
@@ -97,6 +149,16 @@ def main():
             print(f"write_shard to {where}, {threads} thread(s) at once, {n} shards: {n * gb / seconds:6.2f} GB/s "
                   f"({n * gb / seconds / threads:.2f} GB/s a thread)", flush=True)
         shutil.rmtree(where, ignore_errors=True)
+
+    # the host's forward beside writes that never stop, to the disk: in threads, then in processes
+    for writers in (4, 8):
+        for processes in (False, True):
+            with writing(places[0], writers, processes, len(hooks), model.cfg.d_model) as written:
+                before = written.value
+                seconds = clock(acts_only)
+                shards_written = written.value - before
+            line(f"host.activations beside {writers} writing {'processes' if processes else 'threads'} "
+                 f"({shards_written * gb / seconds:.2f} GB/s)", seconds)
 
     # the model host as its actor runs it: 1 + writers threads each calling write_shard (the
     # forward under the host's lock, the write beside the next shard's forward)

@@ -7,7 +7,7 @@
 #                             # environment, built for CPython 3.12 x86-64, as .gpu-kit/site.tar.xz
 #   bench/gpu_check.sh run    # there: unpacks it to /tmp/site and runs the benchmarks; logs to $OUT
 #   bench/gpu_check.sh build  # there: where the build's time goes (bench/build_parts.py), then the
-#                             # build to memory (/dev/shm), and to the disk with 8 and with 1 writer
+#                             # build to the disk and to memory (/dev/shm)
 #
 # With the device tool (the kit, the tiny model's tokenizer and the corpus travel as carried paths):
 #   run(command="bench/gpu_check.sh run", timeout_s=570,   # the steps' limits add up to 9 minutes
@@ -89,17 +89,14 @@ torch.__version__, 'ray', ray.__version__, 'pyarrow', pyarrow.__version__, 'GPU'
     --epochs 2 --repeat 3
 }
 
-build() {  # where a GPU build's time goes: its parts apart, then the build to memory and with 8 and 1 writers
+build() {  # where a GPU build's time goes: its parts apart, then the build to the disk and to memory
   unpack
-  step build_parts.log timeout 150 python3 "$repo/bench/build_parts.py" --workdir "$repo/actserve-work"
+  step build_parts.log timeout 240 python3 "$repo/bench/build_parts.py" --workdir "$repo/actserve-work"
+  step build_to_disk.log timeout 150 python3 "$repo/bench/cache_build.py" --workdir "$repo/actserve-work" \
+    --gpt2-small-random --tokens 262144 --reps 2
   cp -r "$repo/actserve-work/tiny-model" "$repo/actserve-work/corpus.jsonl" /dev/shm/actserve-work/
   step build_to_memory.log timeout 130 python3 "$repo/bench/cache_build.py" --workdir /dev/shm/actserve-work \
     --gpt2-small-random --tokens 262144 --reps 1
-  step build_8_writers.log timeout 130 python3 "$repo/bench/cache_build.py" --workdir "$repo/actserve-work" \
-    --gpt2-small-random --tokens 262144 --reps 1 --writers 8
-  # one writer per model host, as every host had before GPU hosts got GPU_WRITERS
-  step build_1_writer.log timeout 130 python3 "$repo/bench/cache_build.py" --workdir "$repo/actserve-work" \
-    --gpt2-small-random --tokens 262144 --reps 1 --writers 1
 }
 
 case "${1:-}" in
