@@ -66,11 +66,23 @@ unpack() {  # the kit to /tmp/site, on the path; then into a folder outside the 
   cd /tmp/gpu-check-run
 }
 
+machine() {  # the machine, and the write speed of the disk the cache goes to, which bounds a build:
+  # 2 GiB written and flushed by one stream, then by 4 at once (a build's writers write in parallel)
+  nvidia-smi -L; nproc; free -g | head -2; df -h "$repo" | tail -1
+  dd if=/dev/zero of="$repo/actserve-work/dd.tmp" bs=16M count=128 conv=fsync 2>&1 | tail -1
+  local start i
+  start=$(date +%s%N)
+  for i in 1 2 3 4; do
+    dd if=/dev/zero of="$repo/actserve-work/dd$i.tmp" bs=16M count=32 conv=fsync 2>/dev/null &
+  done
+  wait
+  echo "4 streams at once, flushed: 2 GiB in $(( ($(date +%s%N) - start) / 1000000 )) ms"
+  rm -f "$repo"/actserve-work/dd*.tmp
+}
+
 run() {
   unpack
-  # the machine, and the write speed of the disk the cache goes to (2 GiB, flushed), which bounds a build
-  step device.txt bash -c "nvidia-smi -L; nproc; free -g | head -2; df -h '$repo' | tail -1; \
-    dd if=/dev/zero of='$repo/actserve-work/dd.tmp' bs=16M count=128 conv=fsync 2>&1 | tail -1; rm -f '$repo/actserve-work/dd.tmp'"
+  step device.txt machine
   step versions.txt timeout 60 python3 -c "import torch, ray, transformer_lens, pyarrow, actserve.services.build; print('torch', \
 torch.__version__, 'ray', ray.__version__, 'pyarrow', pyarrow.__version__, 'GPU', torch.cuda.get_device_name())"
   # each step has its own limit, so that one that hangs leaves the others their time; the most
@@ -91,6 +103,7 @@ torch.__version__, 'ray', ray.__version__, 'pyarrow', pyarrow.__version__, 'GPU'
 
 build() {  # where a GPU build's time goes: its parts apart, then the build to the disk and to memory
   unpack
+  step device.txt machine
   step build_parts.log timeout 240 python3 "$repo/bench/build_parts.py" --workdir "$repo/actserve-work"
   step build_to_disk.log timeout 150 python3 "$repo/bench/cache_build.py" --workdir "$repo/actserve-work" \
     --gpt2-small-random --tokens 262144 --reps 2
