@@ -225,8 +225,9 @@ if sys.argv[1] == "keep":
     assert keep_freed_heap_memory()
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
-# four Flight messages of a 4,096-token GPT-2-width batch in flight, and a demo-sized SAE step's
-# activations (4,096 x 2,048 float32: above the 32 MiB glibc maps afresh whatever it was freed)
+# four Flight messages of a 4,096-token GPT-2-width batch in flight, and a CPU SAE step's
+# activations at 4,096 tokens and d_sae 2,048 (float32: above 32 MiB, which glibc maps afresh
+# whatever was freed before)
 sizes = [6 << 20] * 4 + [4096 * 2048 * 4]
 def use_and_free():  # allocated, written, then freed
     blocks = [libc.malloc(size) for size in sizes]
