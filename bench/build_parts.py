@@ -88,6 +88,9 @@ def writing(where: Path, writers: int, processes: bool, n_hooks: int, d_model: i
     for worker in workers:
         worker.start()
     while ready.value < writers:
+        if not all(worker.is_alive() for worker in workers):
+            stop.set()
+            raise RuntimeError("a writer ended before it started writing (its error is above)")
         time.sleep(0.05)
     try:
         yield written

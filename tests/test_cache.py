@@ -115,16 +115,19 @@ def test_model_host_forward_reuses_freed_memory(tiny_model, ray_session):
     in again on every call (~18 a token for the bench's model), at up to half the forward's speed."""
     def forward_page_faults(host: ModelHost, tokens: np.ndarray) -> int:  # in the host's process
         hooks = host.resolve_hooks(HOOKS)
-        host.activations(tokens, hooks, "float16", 32, True, True)  # warm
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        host.activations(tokens, hooks, "float16", 32, True, True)
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        host.activations(tokens, hooks, "float16", 128, True, True)  # warm; one batch of all 128 sequences
+        faults = []
+        for _ in range(3):  # the fewest: Ray's own threads fault now and then in the same process
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            host.activations(tokens, hooks, "float16", 128, True, True)
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        return min(faults)
 
     host = ray.remote(ModelHost).remote(str(tiny_model), WeightProcessing(), "cpu", 2)
     tokens = np.random.default_rng(0).integers(1, 100, (128, 64)).astype(np.int32)  # the model's n_ctx: 64
     faults = ray.get(host.__ray_call__.remote(forward_page_faults, tokens))
     ray.kill(host)
-    assert faults < 0.05 * tokens.size, faults  # glibc's defaults: ~5,000 here
+    assert faults < 0.25 * tokens.size, faults  # glibc's defaults: 18,000-24,000 here
 
 
 def test_splits_and_manifest(built):
