@@ -1,8 +1,10 @@
-"""The `actserve` command. Each subcommand parses and validates its flags here, at the edge, into
-the typed config of the module that does the work (`train`'s flags are generated from TrainOptions).
+"""The `actserve` command. Each subcommand's flags are generated from the options dataclass of the
+module that does the work (BuildOptions, ServeOptions, TrainOptions, EvalOptions, FeatureOptions:
+defaults and help written once, on their fields), parsed and validated here, at the edge.
 
-The modules that do the work (torch, TransformerLens, Ray) are imported by the subcommand that
-runs them, so that `--help` and the light commands start at once.
+Those dataclasses live in light modules; the modules that do the work (TransformerLens, Ray, Arrow
+Flight) are imported by the subcommand that runs them, so that `--help` and the light commands
+start at once.
 """
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ import typing
 from pathlib import Path
 
 from actserve.clients import sweep_spec
+from actserve.clients.eval_options import EvalOptions, FeatureOptions
 from actserve.clients.train_options import TrainOptions
+from actserve.services.build_options import BuildOptions, WeightProcessing
 from actserve.services.data import DatasetError
 from actserve.services.serve_options import ServeOptions
 from actserve.services.storage import CacheError
@@ -29,6 +33,18 @@ EPILOG = """examples:
       --hooks 'blocks.*.hook_resid_pre' --tokens 1000000 --eval-tokens 50000 --out cache/tiny
   actserve cache info cache/tiny
 """
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default where there is one to show: not for switches, required
+    flags or empty defaults, nor where the help text states it already."""
+
+    def _get_help_string(self, action):
+        if action.required or action.nargs == 0 or action.default in (None, "", (), [], "{}") or "default" in action.help:
+            return action.help
+        if isinstance(action.default, tuple):  # a comma-list flag's default, as it would be typed
+            return f"{action.help} (default: {','.join(map(str, action.default))})"
+        return super()._get_help_string(action)
 
 
 class UsageError(ValueError):
@@ -45,24 +61,6 @@ def parse_json_object(text: str, flag: str) -> dict:
     return value
 
 
-def add_processing_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--no-fold-ln", dest="fold_ln", action="store_false",
-                   help="keep LayerNorm weights unfolded (TransformerLens folds them by default)")
-    p.add_argument("--no-center-writing-weights", dest="center_writing_weights", action="store_false",
-                   help="do not remove the mean from weights writing to the residual stream")
-    p.add_argument("--no-center-unembed", dest="center_unembed", action="store_false")
-    p.add_argument("--no-fold-value-biases", dest="fold_value_biases", action="store_false")
-
-
-def processing_from(args):
-    from actserve.services.model import WeightProcessing
-
-    return WeightProcessing(
-        fold_ln=args.fold_ln, center_writing_weights=args.center_writing_weights,
-        center_unembed=args.center_unembed, fold_value_biases=args.fold_value_biases,
-    )
-
-
 # --- subcommands -------------------------------------------------------------------------------
 
 
@@ -75,17 +73,10 @@ def cmd_tiny_model(args) -> int:
 
 
 def cmd_cache_build(args) -> int:
-    from actserve.services.build import BuildOptions, build_cache
+    from actserve.services.build import build_cache
     from actserve.services.manifest import summary
 
-    opts = BuildOptions(
-        model=args.model, dataset=args.dataset, hooks=args.hooks, out=args.out, tokens=args.tokens,
-        eval_tokens=args.eval_tokens, context_size=args.context_size, dtype=args.dtype,
-        dataset_split=args.split, text_column=args.text_column, token_column=args.token_column,
-        storage_options=parse_json_object(args.storage_options, "--storage-options"),
-        actors=args.actors, writers=args.writers, batch_sequences=args.batch_sequences, shard_mb=args.shard_mb,
-        processing=processing_from(args), device=args.device,
-    )
+    opts = dataclass_from_args(BuildOptions, args, processing=dataclass_from_args(WeightProcessing, args))
     manifest = build_cache(opts, progress=not args.quiet, ray_address=args.ray_address)
     print(summary(manifest, opts.out))
     return 0
@@ -139,31 +130,21 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from actserve.clients.evaluator import EvalOptions, eval_table, evaluate
+    from actserve.clients.evaluator import eval_table, evaluate
 
-    opts = EvalOptions(
-        saes=tuple(args.sae), cache=args.cache, out=args.out, server=args.server,
-        storage_options=parse_json_object(args.storage_options, "--storage-options"),
-        max_tokens=args.max_tokens, batch_sequences=args.batch_sequences,
-        exclude_bos=not args.include_bos, device=args.device,
-    )
+    opts = dataclass_from_args(EvalOptions, args)
     print(eval_table(evaluate(opts, progress=not args.quiet)), end="")
-    print(f"report: {Path(args.out) / 'eval.json'}, {Path(args.out) / 'eval.md'}, density PNGs in {args.out}")
+    print(f"report: {Path(opts.out) / 'eval.json'}, {Path(opts.out) / 'eval.md'}, density PNGs in {opts.out}")
     return 0
 
 
 def cmd_features(args) -> int:
-    from actserve.clients.features import FeatureOptions, build_feature_browser
+    from actserve.clients.features import build_feature_browser
 
-    opts = FeatureOptions(
-        saes=tuple(args.sae), cache=args.cache, out=args.out, server=args.server,
-        storage_options=parse_json_object(args.storage_options, "--storage-options"),
-        max_tokens=args.max_tokens, top=args.top, left=args.left, right=args.right,
-        batch_sequences=args.batch_sequences, exclude_bos=not args.include_bos, device=args.device,
-    )
+    opts = dataclass_from_args(FeatureOptions, args)
     index = build_feature_browser(opts, progress=not args.quiet)
     print(f"feature browser: {index}")
-    print(f"per SAE, in {args.out}/<SAE>/: top_activations.parquet, features.parquet, summary.json, index.html")
+    print(f"per SAE, in {opts.out}/<SAE>/: top_activations.parquet, features.parquet, summary.json, index.html")
     return 0
 
 
@@ -182,7 +163,7 @@ def cmd_sweep(args) -> int:
 def run_serve_command(args) -> int:
     from actserve.services.run_server import serve
 
-    serve(options_from_args(args))
+    serve(dataclass_from_args(ServeOptions, args))
     return 0
 
 
@@ -199,48 +180,56 @@ def flag_name(f: dataclasses.Field) -> str:
     return "--" + f.metadata.get("flag", f.name.replace("_", "-"))
 
 
-def add_dataclass_flags(p: argparse.ArgumentParser, cls) -> None:
-    """One flag per field of the options dataclass `cls`, with its default and help from the field:
-    tuples take comma lists, bools are switches, fields without a default are required."""
+def flag_fields(cls):
+    """(field, type, flag) of each field of the options dataclass `cls` that has --help text
+    (services/options.py); the command sets the others itself."""
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        kind = hints[f.name]
+    return [(f, hints[f.name], flag_name(f)) for f in dataclasses.fields(cls) if "help" in f.metadata]
+
+
+def add_dataclass_flags(p: argparse.ArgumentParser, cls) -> None:
+    """One flag per field of `cls` (flag_fields), with its default and help from the field: tuples
+    take comma lists (or, with `repeat`, the flag repeated), dicts a JSON object, bools are
+    switches (a field defaulting to True is switched off), fields without a default are required."""
+    for f, kind, flag in flag_fields(cls):
         kwargs = {"help": f.metadata["help"], "dest": f.name}
-        if f.default is dataclasses.MISSING:
-            kwargs["required"] = True
-        else:
+        if f.default is not dataclasses.MISSING:
             kwargs["default"] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            kwargs["default"] = f.default_factory()
+        else:
+            kwargs["required"] = True
         if kind is bool:
-            p.add_argument(flag_name(f), action="store_true", **kwargs)
+            p.add_argument(flag, action="store_false" if f.default else "store_true", **kwargs)
             continue
-        kwargs["metavar"] = flag_name(f)[2:].upper().replace("-", "_")
-        if typing.get_origin(kind) is tuple:
-            kwargs["type"] = csv_of(typing.get_args(kind)[0], flag_name(f))
+        kwargs["metavar"] = f.metadata.get("metavar", flag[2:].upper().replace("-", "_"))
+        if kind is dict:  # parsed in dataclass_from_args, so that bad JSON is one line like other bad input
+            kwargs["default"] = json.dumps(kwargs["default"])
+        elif typing.get_origin(kind) is tuple and f.metadata.get("repeat"):
+            kwargs["action"] = "append"
+            if "default" in kwargs:
+                kwargs["default"] = list(kwargs["default"])  # argparse appends to a copy of a list default
+        elif typing.get_origin(kind) is tuple:
+            kwargs["type"] = csv_of(typing.get_args(kind)[0], flag)
             kwargs["metavar"] += ",..."
         else:
             kwargs["type"] = next(t for t in (typing.get_args(kind) or (kind,)) if t is not type(None))
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
             del kwargs["metavar"]
-        p.add_argument(flag_name(f), **kwargs)
+        p.add_argument(flag, **kwargs)
 
 
-def add_eval_split_flags(p: argparse.ArgumentParser, out_help: str) -> None:
-    """The flags of the jobs that read SAEs over the cache's eval split (eval, features)."""
-    p.add_argument("--sae", action="append", required=True, help="SAE directory (SAELens layout; repeatable)")
-    p.add_argument("--cache", required=True, help="cache URL (the manifest is read from it)")
-    p.add_argument("--server", default=None,
-                   help="grpc:// location of a server of the cache: stream the eval split from it instead of reading shards")
-    p.add_argument("--out", required=True, help=out_help)
-    p.add_argument("--storage-options", default="{}", help="JSON of fsspec options")
-    p.add_argument("--max-tokens", type=int, default=None, help="eval tokens to use (default: the whole eval split)")
-    p.add_argument("--batch-sequences", type=int, default=8, help="sequences per batch")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--quiet", action="store_true")
-
-
-def dataclass_from_args(cls, args: argparse.Namespace):
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+def dataclass_from_args(cls, args: argparse.Namespace, **fields):
+    """`cls` from its flags' values (add_dataclass_flags) and the other `fields` given."""
+    for f, kind, flag in flag_fields(cls):
+        value = getattr(args, f.name)
+        if kind is dict:
+            value = parse_json_object(value, flag)
+        elif f.metadata.get("repeat"):  # the repeated flag's list
+            value = tuple(value)
+        fields[f.name] = value
+    return cls(**fields)
 
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
@@ -250,59 +239,10 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
         description="Serve one or more activation caches over Arrow Flight (gRPC): shuffled, exactly-once "
                     "epochs for trainers, whole sequences for evaluators. Prints each grpc:// location, runs "
                     "until interrupted. Wire contract: proto/stream.proto.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--cache", action="append", required=True, metavar="[NAME=]URL",
-                   help="cache to serve (repeatable); named by NAME or the URL's last path component")
-    p.add_argument("--host", default=ServeOptions.host, help="address to bind; anything but loopback needs a token")
-    p.add_argument("--port", type=int, default=ServeOptions.port, help="port (0: any free one); with --servers K, ports PORT..PORT+K-1")
-    p.add_argument("--servers", type=int, default=ServeOptions.servers, help="server processes (Ray actors when > 1), listed as replicas")
-    p.add_argument("--token-env", default=ServeOptions.token_env, help="environment variable holding the bearer token")
-    p.add_argument("--insecure", action="store_true", help="allow a non-loopback bind without a token")
-    p.add_argument("--tls-cert", default=ServeOptions.tls_cert, help="PEM certificate: serve grpc+tls://")
-    p.add_argument("--tls-key", default=ServeOptions.tls_key, help="PEM private key of --tls-cert")
-    p.add_argument("--storage-options", default="{}", help="JSON of fsspec options for the cache URLs")
-    p.add_argument("--local-cache-dir", default=ServeOptions.local_cache_dir,
-                   help="node-local copy of remote (s3://) shards, shared by the servers of this node")
-    p.add_argument("--local-cache-gb", type=float, default=ServeOptions.local_cache_gb,
-                   help="size bound of --local-cache-dir (LRU eviction); 0 reads remote shards directly")
-    p.add_argument("--max-batch-size", type=int, default=ServeOptions.max_batch_size, help="largest batch_size accepted, tokens")
-    p.add_argument("--buffer-tokens", type=int, default=ServeOptions.buffer_tokens,
-                   help="default shuffle buffer, tokens (>= 5 x batch x context for 0.9 of a global shuffle's "
-                        "distinct sequences per batch); lowered per request to what --stream-memory-gb allows")
-    p.add_argument("--max-buffer-tokens", type=int, default=ServeOptions.max_buffer_tokens,
-                   help="largest buffer_tokens a request may ask for")
-    p.add_argument("--memory-budget-gb", type=float, default=ServeOptions.memory_budget_gb,
-                   help="memory all streams together may hold (buffers, reads, batches in flight; not the process's "
-                        "baseline nor the page cache); a stream beyond it is refused (RESOURCE_EXHAUSTED)")
-    p.add_argument("--stream-memory-gb", type=float, default=ServeOptions.stream_memory_gb,
-                   help="memory one stream may hold (two buffer slices, the shard read, two batches); a request "
-                        "needing more is refused")
-    p.add_argument("--max-streams", type=int, default=ServeOptions.max_streams, help="concurrent streams allowed")
-    p.add_argument("--stream-idle-timeout", type=float, default=ServeOptions.stream_idle_timeout,
-                   help="seconds a stream may wait for its client to read before the server ends it")
-    p.add_argument("--expose-urls", action="store_true", help="show the caches' storage URLs to clients (list-caches, errors)")
-    p.add_argument("--debug", action="store_true", help="send clients errors' full text (else one line of at most 1000 characters)")
-    p.add_argument("--peer", action="append", default=[], metavar="LOCATION",
-                   help="grpc:// location of another server of the same caches, listed as a replica (repeatable)")
-    p.add_argument("--ray-address", default=None, help="Ray cluster for --servers > 1 (default: $RAY_ADDRESS, else local)")
+        formatter_class=HelpFormatter)
+    add_dataclass_flags(p, ServeOptions)
     p.set_defaults(func=run_serve_command)
     return p
-
-
-def options_from_args(args: argparse.Namespace) -> ServeOptions:
-    storage_options = parse_json_object(args.storage_options, "--storage-options")
-    return ServeOptions(
-        caches=tuple(args.cache), host=args.host, port=args.port, servers=args.servers, token_env=args.token_env,
-        insecure=args.insecure, tls_cert=args.tls_cert, tls_key=args.tls_key, storage_options=storage_options,
-        local_cache_dir=args.local_cache_dir, local_cache_gb=args.local_cache_gb,
-        max_batch_size=args.max_batch_size, buffer_tokens=args.buffer_tokens,
-        max_buffer_tokens=args.max_buffer_tokens, peers=tuple(args.peer),
-        memory_budget_gb=args.memory_budget_gb, stream_memory_gb=args.stream_memory_gb, max_streams=args.max_streams,
-        stream_idle_timeout=args.stream_idle_timeout, expose_urls=args.expose_urls, debug=args.debug,
-        ray_address=args.ray_address,
-    )
-
-
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -343,30 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a tokenized dataset through a TransformerLens model on Ray actors and write "
                     "the activations of every requested hook, from one forward pass, as Parquet shards "
                     "plus manifest.json. Rerunning the same command resumes an interrupted build.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="TransformerLens model name (gpt2) or local Hugging Face GPT-2 directory")
-    p.add_argument("--dataset", required=True, help="Hugging Face hub dataset name, or a local .txt/.jsonl/.parquet file or directory")
-    p.add_argument("--hooks", required=True, help="comma list of hook names and/or patterns, e.g. 'blocks.*.hook_resid_pre'")
-    p.add_argument("--tokens", type=int, required=True, help="train-split tokens (rounded up to whole sequences)")
-    p.add_argument("--eval-tokens", type=int, default=0, help="held-out eval-split tokens (whole sequences, never in train)")
-    p.add_argument("--context-size", type=int, default=128, help="tokens per sequence, BOS included")
-    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    p.add_argument("--out", required=True, help="cache URL: a directory, file://..., or s3://bucket/prefix")
-    p.add_argument("--split", default="train", help="dataset split to read")
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--token-column", default="", help="read pre-tokenized ids from this column instead of text")
-    p.add_argument("--storage-options", default="{}", help="JSON of fsspec options, e.g. '{\"client_kwargs\": {\"endpoint_url\": \"http://...\"}}'")
-    p.add_argument("--actors", type=int, default=1, help="model-host actors running in parallel (one GPU each when CUDA is present)")
-    p.add_argument("--writers", type=int, default=0,
-                   help="shards each model host writes at once beside its forward (one writer stores ~0.5 GB/s); "
-                        "0: one on a CPU host, whose forward takes the cores, services/build.py's GPU_WRITERS on "
-                        "a GPU, whose forward outruns one")
-    p.add_argument("--batch-sequences", type=int, default=32, help="sequences per forward pass")
-    p.add_argument("--shard-mb", type=float, default=128.0, help="target shard size in MiB")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+        formatter_class=HelpFormatter)
+    add_dataclass_flags(p, BuildOptions)
     p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_processing_flags(p)
+    add_dataclass_flags(p, WeightProcessing)
     p.set_defaults(func=cmd_cache_build)
 
     add_serve_parser(sub)
@@ -378,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "server. Checkpoints every --checkpoint-every tokens; rerun the same command to resume. "
                     "Writes the SAE in SAELens's layout (cfg.json, sae_weights.safetensors, sparsity.safetensors) "
                     "and metrics.jsonl.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--server", required=True, help="grpc:// location of `actserve serve`")
     p.add_argument("--cache", required=True, help="cache name or URL, as the server serves it")
     add_dataclass_flags(p, TrainOptions)
@@ -394,9 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "CE recovered, KL, explained variance, L0, L1, alive and dense features, norm ratio. "
                     "Residual hooks run only the layers after the hook, from the cached activations. Writes "
                     "eval.json, eval.md (the seed's table) and a log10 feature-density PNG per SAE.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_eval_split_flags(p, "report directory")
-    p.add_argument("--include-bos", action="store_true", help="splice and score the BOS position too")
+        formatter_class=HelpFormatter)
+    add_dataclass_flags(p, EvalOptions)
+    p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
@@ -407,12 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "residual-stream hooks, the tokens its decoder direction promotes and suppresses (logit lens). "
                     "Writes top_activations.parquet, features.parquet and a static HTML browser (OUT/index.html) "
                     "that opens from the file system.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_eval_split_flags(p, "output directory (replaced as a whole when the run ends)")
-    p.add_argument("--top", type=int, default=20, help="top activating examples kept per feature")
-    p.add_argument("--left", type=int, default=8, help="context tokens shown before each example")
-    p.add_argument("--right", type=int, default=4, help="context tokens shown after each example")
-    p.add_argument("--include-bos", action="store_true", help="count the BOS position too")
+        formatter_class=HelpFormatter)
+    add_dataclass_flags(p, FeatureOptions)
+    p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_features)
 
     p = sub.add_parser("sweep", help="train a grid of SAEs concurrently on Ray, then evaluate them",

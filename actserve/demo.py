@@ -18,13 +18,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from actserve.clients.features import FeatureOptions, build_feature_browser
+from actserve.clients.eval_options import FeatureOptions
+from actserve.clients.features import build_feature_browser
 from actserve.clients.sweep import run_sweep
 from actserve.clients.sweep_spec import SweepSpec
 from actserve.clients.train_options import TrainOptions
 from actserve.offline.corpus import write_stdlib_corpus
 from actserve.offline.tiny_model import make_tiny_model
-from actserve.services.build import BuildOptions, build_cache
+from actserve.services.build import build_cache
+from actserve.services.build_options import BuildOptions
 from actserve.services.manifest import summary
 from actserve.services.ray_runtime import ensure_ray
 

@@ -32,7 +32,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from actserve.services.model import WeightProcessing, layers_needed
+from actserve.services.build_options import WeightProcessing
+from actserve.services.model import layers_needed
 from actserve.services.model_host import ModelHost
 from actserve.services.shard_format import shard_group_rows, write_shard
 from actserve.services.storage import open_url

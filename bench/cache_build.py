@@ -29,7 +29,8 @@ import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from actserve.demo import prepare_model
-from actserve.services.build import BuildOptions, build_cache, start_model_hosts
+from actserve.services.build import build_cache, start_model_hosts
+from actserve.services.build_options import BuildOptions
 from actserve.services.data import DatasetSpec, iter_documents
 from actserve.services.model import layers_needed, load_model, resolve_hooks
 from actserve.services.ray_runtime import ensure_ray

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from actserve.clients.evaluator import eval_batches
-from actserve.clients.features import FeatureOptions, build_feature_browser, check_inputs, collect, load_model_for
+from actserve.clients.eval_options import FeatureOptions
+from actserve.clients.features import build_feature_browser, check_inputs, collect, load_model_for
 from actserve.sae import SAEConfig, build_sae, save_sae
 from actserve.services.manifest import read_manifest
 
@@ -77,7 +78,8 @@ import json, sys
 from pathlib import Path
 import torch
 from actserve.clients.evaluator import eval_batches
-from actserve.clients.features import FeatureOptions, FeatureStats, check_inputs, load_model_for, write_outputs
+from actserve.clients.eval_options import FeatureOptions
+from actserve.clients.features import FeatureStats, check_inputs, load_model_for, write_outputs
 url, sae_dir, out, tokens = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
 opts = FeatureOptions(saes=(sae_dir,), cache=url, out=str(out))
 manifest, (sae,) = check_inputs(opts)

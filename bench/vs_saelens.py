@@ -40,7 +40,8 @@ from sae_lens.config import LoggingConfig, SAETrainerConfig
 from sae_lens.saes.sae import SAEMetadata
 from sae_lens.training.sae_trainer import SAETrainer
 
-from actserve.clients.evaluator import EvalOptions, evaluate as evaluate_saes
+from actserve.clients.eval_options import EvalOptions
+from actserve.clients.evaluator import evaluate as evaluate_saes
 from actserve.sae import SAEConfig, StreamingMetrics, Trainer, TrainConfig, build_sae, load_sae, save_sae
 from actserve.services.manifest import read_manifest
 from actserve.services.shard_format import decode_activations, read_shard

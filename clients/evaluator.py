@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from google.protobuf import json_format
 from tqdm import tqdm
 
+from actserve.clients.eval_options import EvalOptions
 from actserve.clients.frontier import plot_frontier
 from actserve.clients.stream import ActivationStream
 from actserve.clients.tables import markdown_table
@@ -36,28 +36,8 @@ from actserve.services.storage import CacheError, open_url
 from actserve.services.shard_format import decode_activations, in_sequence_order, read_shard
 from actserve.services.manifest import read_manifest
 from actserve.services.process_memory import keep_freed_heap_memory
-from actserve.services.model import WeightProcessing, load_model
-
-
-@dataclass(frozen=True)
-class EvalOptions:
-    saes: tuple[str, ...]
-    cache: str
-    out: str
-    storage_options: dict = field(default_factory=dict)
-    server: str | None = None      # grpc:// location: stream the eval split instead of reading it
-    max_tokens: int | None = None  # None: the whole eval split
-    batch_sequences: int = 8
-    exclude_bos: bool = True
-    device: str = "cpu"
-
-    def __post_init__(self):
-        if not self.saes:
-            raise ValueError("give at least one --sae directory")
-        if self.max_tokens is not None and self.max_tokens <= 0:
-            raise ValueError(f"--max-tokens must be > 0, got {self.max_tokens}")
-        if self.batch_sequences <= 0:
-            raise ValueError(f"--batch-sequences must be > 0, got {self.batch_sequences}")
+from actserve.services.build_options import WeightProcessing
+from actserve.services.model import load_model
 
 
 def splice_layer(hook: str) -> int | None:

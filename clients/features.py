@@ -26,23 +26,23 @@ import math
 import os
 import shutil
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-import torch.nn.functional as F
 from google.protobuf import json_format
 from tqdm import tqdm
 
+from actserve.clients.eval_options import FeatureOptions
 from actserve.clients.evaluator import eval_batches, load_saes, splice_layer
 from actserve.clients.feature_page import write_browser, write_sae_index
 from actserve.sae import SAE
 from actserve.sae.metrics import DENSE_THRESHOLD
 from actserve.services.manifest import read_manifest
-from actserve.services.model import WeightProcessing, load_model
+from actserve.services.build_options import WeightProcessing
+from actserve.services.model import load_model
 from actserve.services.storage import CacheError
 
 # Non-zero activations are binned by log10(activation): HIST_PER_DECADE bins per decade from
@@ -50,37 +50,6 @@ from actserve.services.storage import CacheError
 HIST_LOG10_MIN, HIST_LOG10_MAX, HIST_PER_DECADE = -4, 4, 8
 HIST_EDGES = np.logspace(HIST_LOG10_MIN, HIST_LOG10_MAX, (HIST_LOG10_MAX - HIST_LOG10_MIN) * HIST_PER_DECADE + 1)
 HIST_BINS = len(HIST_EDGES) + 1  # underflow, the len(HIST_EDGES) - 1 bins between edges, overflow
-
-
-@dataclass(frozen=True)
-class FeatureOptions:
-    saes: tuple[str, ...]
-    cache: str
-    out: str
-    server: str | None = None      # grpc:// location: stream the eval split instead of reading it
-    storage_options: dict = field(default_factory=dict)
-    max_tokens: int | None = None  # None: the whole eval split
-    top: int = 20                  # examples kept per feature
-    left: int = 8                  # context tokens before each example
-    right: int = 4                 # context tokens after it
-    logit_tokens: int = 10         # promoted and suppressed tokens listed per feature
-    batch_sequences: int = 8
-    exclude_bos: bool = True
-    device: str = "cpu"
-
-    def __post_init__(self):
-        checks = [
-            (bool(self.saes), "give at least one --sae directory"),
-            (self.top > 0, f"--top must be > 0, got {self.top}"),
-            (self.max_tokens is None or self.max_tokens > 0, f"--max-tokens must be > 0, got {self.max_tokens}"),
-            (self.left >= 0 and self.right >= 0, f"context widths must be >= 0, got {self.left} left, {self.right} right"),
-            (self.logit_tokens >= 0, f"logit_tokens must be >= 0, got {self.logit_tokens}"),
-            (self.batch_sequences > 0, f"--batch-sequences must be > 0, got {self.batch_sequences}"),
-            (bool(self.out), "--out is empty"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
 
 
 class FeatureStats:

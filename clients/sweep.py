@@ -11,7 +11,8 @@ from pathlib import Path
 import ray
 from tqdm import tqdm
 
-from actserve.clients.evaluator import EvalOptions, evaluate
+from actserve.clients.eval_options import EvalOptions
+from actserve.clients.evaluator import evaluate
 from actserve.clients.frontier import plot_frontier
 from actserve.clients.sweep_spec import SweepSpec, sweep_points
 from actserve.clients.tables import markdown_table

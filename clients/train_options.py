@@ -11,22 +11,13 @@ l1_coefficients / ks) form a grid: every combination is trained on the same batc
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from actserve.sae.config import ARCHITECTURES, DEFAULT_L1_COEFFICIENTS, K_ARCHITECTURES, SAEConfig
 from actserve.sae.train import TrainConfig
+from actserve.services.options import option, required
 
 RECIPES = ("default", "seed")
-
-
-def option(default, help: str, **metadata):
-    """A dataclass field with its --help text (and, optionally, a `flag` name or `choices` for the CLI)."""
-    return field(default=default, metadata={"help": help, **metadata})
-
-
-def required(help: str):
-    """A dataclass field without a default: a required flag."""
-    return field(metadata={"help": help})
 
 
 @dataclass(frozen=True)

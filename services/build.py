@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from itertools import islice
 
 import numpy as np
@@ -22,55 +22,15 @@ from tqdm import tqdm
 from actserve import __version__
 from actserve.proto.manifest_pb2 import BuildConfig, Manifest, Shard
 from actserve.proto.manifest_pb2 import WeightProcessing as WeightProcessingMsg
+from actserve.services.build_options import BuildOptions
 from actserve.services.data import DatasetError, DatasetSpec, iter_documents, iter_sequences
 from actserve.services.manifest import (
     FORMAT_VERSION, SPLITS, add_stats, config_differences, read_manifest, write_manifest,
 )
-from actserve.services.model import WeightProcessing
 from actserve.services.model_host import ModelHost
 from actserve.services.ray_runtime import ensure_ray
 from actserve.services.shard_format import DTYPES, shard_group_rows, shard_path
 from actserve.services.storage import CacheError, check_writable, open_url, remove_temporaries
-
-
-@dataclass(frozen=True)
-class BuildOptions:
-    """Everything `cache build` takes; validated here, trusted below."""
-    model: str
-    dataset: str
-    hooks: str                 # comma list and/or patterns, e.g. "blocks.*.hook_resid_pre"
-    out: str                   # cache URL
-    tokens: int                # train tokens
-    eval_tokens: int = 0
-    context_size: int = 128
-    dtype: str = "float16"
-    dataset_split: str = "train"
-    text_column: str = "text"
-    token_column: str = ""
-    prepend_bos: bool = True
-    storage_options: dict = field(default_factory=dict)
-    actors: int = 1
-    writers: int = 0           # shards each model host writes beside its forward; 0: 1 on CPU, GPU_WRITERS on a GPU
-    batch_sequences: int = 32
-    shard_mb: float = 128.0
-    processing: WeightProcessing = WeightProcessing()
-    device: str | None = None  # None: CUDA when present, else CPU
-
-    def __post_init__(self):
-        checks = [
-            (self.tokens > 0, f"--tokens must be > 0, got {self.tokens}"),
-            (self.eval_tokens >= 0, f"--eval-tokens must be >= 0, got {self.eval_tokens}"),
-            (self.context_size >= 2, f"--context-size must be >= 2, got {self.context_size}"),
-            (self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}"),
-            (self.actors >= 1, f"--actors must be >= 1, got {self.actors}"),
-            (self.writers >= 0, f"--writers must be >= 0, got {self.writers}"),
-            (self.batch_sequences >= 1, f"--batch-sequences must be >= 1, got {self.batch_sequences}"),
-            (self.shard_mb > 0, f"--shard-mb must be > 0, got {self.shard_mb}"),
-            (bool(self.hooks.strip()), "--hooks is empty"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
 
 
 # A GPU's forward of GPT-2 small yields activations far faster than one writer thread stores them

@@ -8,7 +8,7 @@ TransformerLens's own conversion and weight processing, so both end in the same 
 import difflib
 import fnmatch
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -16,25 +16,12 @@ from transformer_lens import HookedTransformer
 from transformer_lens import loading_from_pretrained as tl_loading
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from actserve.services.build_options import WeightProcessing
+
 # Shown when a model name is unknown; TransformerLens knows hundreds, these are the GPT-2 family.
 EXAMPLE_MODEL_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
 
 BLOCK_HOOK = re.compile(r"blocks\.(\d+)\.")
-
-
-@dataclass(frozen=True)
-class WeightProcessing:
-    """TransformerLens's weight processing; the defaults are `HookedTransformer.from_pretrained`'s.
-
-    Folding and centring change the values in the residual stream (not the model's outputs), so
-    activations are only comparable between models processed the same way.
-    """
-
-    fold_ln: bool = True
-    center_writing_weights: bool = True
-    center_unembed: bool = True
-    fold_value_biases: bool = True
-    refactor_factored_attn_matrices: bool = False
 
 
 def load_model(

@@ -22,10 +22,11 @@ import threading
 import numpy as np
 import torch
 
+from actserve.services.build_options import WeightProcessing
+from actserve.services.model import layers_needed, load_model, resolve_hooks
 from actserve.services.process_memory import keep_freed_heap_memory
 from actserve.services.shard_format import DTYPES, write_shard
 from actserve.services.storage import open_url
-from actserve.services.model import WeightProcessing, layers_needed, load_model, resolve_hooks
 
 
 class ModelHost:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from actserve.services.options import option, required
 
 
 def is_loopback(host: str) -> bool:
@@ -32,33 +34,43 @@ def parse_cache_spec(spec: str) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class ServeOptions:
-    """Everything `actserve serve` takes; validated here, trusted below."""
-    caches: tuple[str, ...]            # "URL" or "name=URL"
-    host: str = "127.0.0.1"
-    port: int = 0                      # 0: any free port; with servers=K, ports port..port+K-1
-    servers: int = 1                   # server processes (Ray actors when > 1)
-    token_env: str = "ACTSERVE_TOKEN"  # environment variable holding the bearer token
-    insecure: bool = False             # allow a non-loopback bind without a token
-    tls_cert: str = ""                 # PEM files; both or neither
-    tls_key: str = ""
-    storage_options: dict = field(default_factory=dict)
-    local_cache_dir: str = os.path.join(os.path.expanduser("~"), ".cache", "actserve", "shards")
-    local_cache_gb: float = 20.0       # 0: read remote shards directly, no node-local copy
-    max_batch_size: int = 65536        # tokens
-    # Default shuffle buffer: 5 x 16,384 x 128 tokens, so batches of up to 16,384 tokens at context
-    # 128 hold >= 0.9 of a global shuffle's distinct sequences (proto/stream.proto); a request
-    # leaving buffer_tokens 0 gets this, lowered to what --stream-memory-gb allows for its columns.
-    buffer_tokens: int = 5 * 16384 * 128
-    max_buffer_tokens: int = 1 << 30
-    peers: tuple[str, ...] = ()        # more grpc:// locations serving the same caches
+    """Everything `actserve serve` takes, one flag per field; validated here, trusted below."""
+    caches: tuple[str, ...] = required(
+        "cache to serve (repeatable); named by NAME or the URL's last path component",
+        flag="cache", repeat=True, metavar="[NAME=]URL")
+    host: str = option("127.0.0.1", "address to bind; anything but loopback needs a token")
+    port: int = option(0, "port (0: any free one); with --servers K, ports PORT..PORT+K-1")
+    servers: int = option(1, "server processes (Ray actors when > 1), listed as replicas")
+    token_env: str = option("ACTSERVE_TOKEN", "environment variable holding the bearer token")
+    insecure: bool = option(False, "allow a non-loopback bind without a token")
+    tls_cert: str = option("", "PEM certificate: serve grpc+tls:// (with --tls-key)")
+    tls_key: str = option("", "PEM private key of --tls-cert")
+    storage_options: dict = option({}, "JSON of fsspec options for the cache URLs")
+    local_cache_dir: str = option(os.path.join(os.path.expanduser("~"), ".cache", "actserve", "shards"),
+                                  "node-local copy of remote (s3://) shards, shared by the servers of this node")
+    local_cache_gb: float = option(20.0, "size bound of --local-cache-dir (LRU eviction); 0 reads remote shards directly")
+    max_batch_size: int = option(65536, "largest batch_size accepted, tokens")
+    # 5 x 16,384 x 128 tokens: batches of up to 16,384 tokens at context 128 hold >= 0.9 of a
+    # global shuffle's distinct sequences (proto/stream.proto)
+    buffer_tokens: int = option(5 * 16384 * 128,
+                                "default shuffle buffer, tokens (>= 5 x batch x context for 0.9 of a global shuffle's "
+                                "distinct sequences per batch); a request leaving buffer_tokens 0 gets this, lowered "
+                                "to what --stream-memory-gb allows for its columns")
+    max_buffer_tokens: int = option(1 << 30, "largest buffer_tokens a request may ask for")
+    peers: tuple[str, ...] = option((), "grpc:// location of another server of the same caches, listed as a "
+                                        "replica (repeatable)", flag="peer", repeat=True, metavar="LOCATION")
     # Resource bounds (defaults fit a 24 GB machine next to its page cache and other work):
-    memory_budget_gb: float = 8.0      # memory all streams reserve together, above the process's baseline
-    stream_memory_gb: float = 1.0      # memory one stream reserves (stream_plan.StreamMemory)
-    max_streams: int = 64              # concurrent streams
-    stream_idle_timeout: float = 300.0 # seconds a stream may wait for its client to read
-    expose_urls: bool = False          # list-caches and errors show the caches' storage URLs
-    debug: bool = False                # errors sent to clients keep their full text
-    ray_address: str | None = None
+    memory_budget_gb: float = option(8.0, "memory all streams together may hold (buffers, reads, batches in flight; "
+                                          "not the process's baseline nor the page cache); a stream beyond it is "
+                                          "refused (RESOURCE_EXHAUSTED)")
+    stream_memory_gb: float = option(1.0, "memory one stream may hold (two buffer slices, the shard read, two "
+                                          "batches: stream_plan.StreamMemory); a request needing more is refused")
+    max_streams: int = option(64, "concurrent streams allowed")
+    stream_idle_timeout: float = option(300.0, "seconds a stream may wait for its client to read before the "
+                                               "server ends it")
+    expose_urls: bool = option(False, "show the caches' storage URLs to clients (list-caches, errors)")
+    debug: bool = option(False, "send clients errors' full text (else one line of at most 1000 characters)")
+    ray_address: str | None = option(None, "Ray cluster for --servers > 1 (default: $RAY_ADDRESS, else local)")
 
     def __post_init__(self):
         names = [parse_cache_spec(c)[0] for c in self.caches]

@@ -21,11 +21,12 @@ import pyarrow.parquet as pq
 import torch
 
 from actserve.proto.manifest_pb2 import BuildConfig, Shard
+from actserve.services.build_options import SHARD_DTYPES
 from actserve.services.storage import CacheError, Written, atomic_write, is_local
 
 META_COLUMNS = ("sequence", "position", "token")
 # the torch dtype activations decode to (and so the bytes per value)
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPES = {name: getattr(torch, name) for name in SHARD_DTYPES}
 ROW_GROUP_BYTES = 16 << 20  # one row group per ~16 MiB: a good size for one ranged GET
 # A shuffle buffer holds, of each sequence it draws, the rows a row group holds of it (shuffle.py):
 # smaller row groups mix more sequences per byte of buffer. 2 MiB makes that 2 rows in GPT-2 small's

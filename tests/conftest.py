@@ -93,7 +93,8 @@ TINY_CACHE = dict(hooks="blocks.0.hook_resid_pre,blocks.1.hook_resid_pre", token
 @pytest.fixture(scope="session")
 def tiny_cache(tiny_model, corpus, ray_session, tmp_path_factory):
     """A cache of both residual-stream hooks of the tiny model, with train and eval splits."""
-    from actserve.services.build import BuildOptions, build_cache
+    from actserve.services.build import build_cache
+    from actserve.services.build_options import BuildOptions
 
     out = tmp_path_factory.mktemp("tiny-cache") / "tiny"
     manifest = build_cache(BuildOptions(model=str(tiny_model), dataset=str(corpus), out=str(out), **TINY_CACHE),

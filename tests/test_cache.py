@@ -19,12 +19,13 @@ import pytest
 import ray
 import torch
 
-from actserve.services.build import BuildOptions, build_cache, start_model_hosts
+from actserve.services.build import build_cache, start_model_hosts
+from actserve.services.build_options import BuildOptions
 from actserve.services.model_host import ModelHost
 from actserve.services.shard_format import decode_activations, in_sequence_order, read_shard, write_shard
 from actserve.services.storage import open_url
 from actserve.services.manifest import read_manifest
-from actserve.services.model import WeightProcessing
+from actserve.services.build_options import WeightProcessing
 from actserve.cli import main as cli_main, os_error_message
 from actserve.services.data import DatasetSpec, iter_documents, iter_sequences
 from tests.conftest import free_port

@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from actserve.clients.evaluator import EvalOptions, evaluate, logits_from
+from actserve.clients.eval_options import EvalOptions
+from actserve.clients.evaluator import evaluate, logits_from
 from actserve.sae import SAEConfig, build_sae, save_sae
 from actserve.cli import main as cli_main
 
@@ -115,7 +116,8 @@ def test_ce_recovered_equals_saelens_run_evals(tiny_cache, tmp_path):
     from sae_lens.evals import EvalConfig, run_evals
     from sae_lens.training.activation_scaler import ActivationScaler
 
-    from actserve.services.model import WeightProcessing, load_model
+    from actserve.services.build_options import WeightProcessing
+    from actserve.services.model import load_model
     from actserve.services.shard_format import in_sequence_order, read_shard
     from actserve.services.storage import open_url
 

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from actserve.cli import main as cli_main
-from actserve.clients.evaluator import EvalOptions, cached_sequences, evaluate
-from actserve.clients.features import FeatureOptions, FeatureStats, build_feature_browser, check_inputs, collect
+from actserve.clients.eval_options import EvalOptions, FeatureOptions
+from actserve.clients.evaluator import cached_sequences, evaluate
+from actserve.clients.features import FeatureStats, build_feature_browser, check_inputs, collect
 from actserve.sae import SAEConfig, build_sae, save_sae
 from actserve.testing import read_split
 

@@ -11,7 +11,8 @@ import pyarrow.flight as flight
 import pytest
 
 from actserve.cli import main as cli_main
-from actserve.clients.evaluator import EvalOptions, cached_sequences
+from actserve.clients.eval_options import EvalOptions
+from actserve.clients.evaluator import cached_sequences
 from actserve.proto.stream_pb2 import HealthResult, StreamRequest
 from actserve.services.manifest import manifest_to_json, read_manifest, write_manifest
 from actserve.services.shard_cache import ShardCache

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -110,20 +111,23 @@ def test_wheel_installs_beside_proto_plus(tmp_path):
 
 def test_cli_defaults_are_the_option_dataclasses_defaults():
     """Every flag whose name is a field of the command's options dataclass defaults to that field's
-    default: defaults are written once, in the dataclass (train's flags are generated from it)."""
+    default: defaults are written once, in the dataclass (the flags are generated from it; demo's
+    three are written beside DemoOptions, whose module imports the whole pipeline)."""
     import dataclasses
 
-    from actserve.cli import build_parser
-    from actserve.clients.evaluator import EvalOptions
+    from actserve.cli import build_parser, dataclass_from_args
+    from actserve.clients.eval_options import EvalOptions, FeatureOptions
     from actserve.clients.train_options import TrainOptions
     from actserve.demo import DemoOptions
-    from actserve.services.build import BuildOptions
+    from actserve.services.build_options import BuildOptions, WeightProcessing
     from actserve.services.serve_options import ServeOptions
 
     parser = build_parser()
+    build = ("cache", "build", "--model", "m", "--dataset", "d", "--hooks", "h", "--tokens", "1", "--out", "o")
     commands = {
-        ("cache", "build", "--model", "m", "--dataset", "d", "--hooks", "h", "--tokens", "1", "--out", "o"): BuildOptions,
+        build: BuildOptions,
         ("eval", "--sae", "s", "--cache", "c", "--out", "o"): EvalOptions,
+        ("features", "--sae", "s", "--cache", "c", "--out", "o"): FeatureOptions,
         ("serve", "--cache", "c"): ServeOptions,
         ("train", "--server", "s", "--cache", "c", "--hook", "h", "--tokens", "1", "--out", "o"): TrainOptions,
         ("demo",): DemoOptions,
@@ -132,7 +136,14 @@ def test_cli_defaults_are_the_option_dataclasses_defaults():
     for argv, options in commands.items():
         args = vars(parser.parse_args(list(argv)))
         for f in dataclasses.fields(options):
-            if f.name in args and f.default is not dataclasses.MISSING:
-                assert args[f.name] == f.default, f"{' '.join(argv[:2])} --{f.name}: {args[f.name]!r} != {f.default!r}"
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if f.name in args and default is not dataclasses.MISSING:
+                value = args[f.name]
+                value = tuple(value) if f.metadata.get("repeat") else json.loads(value) if isinstance(default, dict) else value
+                assert value == default, f"{' '.join(argv[:2])} --{f.name}: {value!r} != {default!r}"
                 checked += 1
-    assert checked > 30
+    assert checked > 60
+    switched = parser.parse_args([*build, "--no-fold-ln", "--storage-options", '{"anon": true}'])
+    assert dataclass_from_args(BuildOptions, switched, processing=dataclass_from_args(WeightProcessing, switched)) == \
+        BuildOptions(model="m", dataset="d", hooks="h", tokens=1, out="o", storage_options={"anon": True},
+                     processing=WeightProcessing(fold_ln=False))

@@ -15,7 +15,8 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from actserve.offline.corpus import write_stdlib_corpus
-from actserve.services.model import WeightProcessing, hook_names, layers_needed, load_model, resolve_hooks
+from actserve.services.build_options import WeightProcessing
+from actserve.services.model import hook_names, layers_needed, load_model, resolve_hooks
 from actserve.offline.tiny_model import METADATA_FILE, SPECIAL_TOKEN, make_tiny_model
 
 UNPROCESSED = WeightProcessing(

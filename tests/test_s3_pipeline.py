@@ -2,11 +2,13 @@
 serve it through the node-local shard cache, train against the server, evaluate from s3://."""
 from __future__ import annotations
 
-from actserve.services.build import BuildOptions, build_cache
+from actserve.services.build import build_cache
+from actserve.services.build_options import BuildOptions
 
 
 def test_build_serve_train_eval_on_s3(tiny_model, corpus, ray_session, s3_options, tmp_path):
-    from actserve.clients.evaluator import EvalOptions, evaluate
+    from actserve.clients.eval_options import EvalOptions
+    from actserve.clients.evaluator import evaluate
     from actserve.clients.stream import ActivationStream
     from actserve.clients.train_options import TrainOptions
     from actserve.clients.trainer import train_from_server

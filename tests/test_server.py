@@ -21,7 +21,7 @@ from actserve.proto.stream_pb2 import CacheList, HealthResult, StreamRequest
 from actserve.services.shard_format import decode_activations
 from actserve.services.storage import open_url
 from actserve.services.serve_options import ServeOptions, is_loopback
-from actserve.cli import add_serve_parser, options_from_args
+from actserve.cli import add_serve_parser, dataclass_from_args
 from actserve.services.shard_cache import ShardCache
 from actserve.services.shuffle import expected_distinct
 from actserve.testing import SyntheticCache, SyntheticSpec, read_split, write_synthetic_cache
@@ -434,15 +434,17 @@ def test_serve_command_line(cache, tmp_path):
     parser = argparse.ArgumentParser(prog="actserve")
     add_serve_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["serve", "--cache", f"mine={cache[0]}", "--cache", "s3://b/x", "--port", "8815",
-                              "--servers", "2", "--storage-options", '{"anon": true}', "--local-cache-gb", "0"])
-    opts = options_from_args(args)
+                              "--servers", "2", "--storage-options", '{"anon": true}', "--local-cache-gb", "0",
+                              "--peer", "grpc://a:1", "--peer", "grpc://b:2", "--insecure"])
+    opts = dataclass_from_args(ServeOptions, args)
     assert opts.caches == (f"mine={cache[0]}", "s3://b/x") and opts.port == 8815 and opts.servers == 2
+    assert opts.peers == ("grpc://a:1", "grpc://b:2") and opts.insecure and not opts.debug
     assert opts.storage_options == {"anon": True} and args.func.__name__ == "run_serve_command"
     for bad, message in [(["--storage-options", "{oops"], "--storage-options is not valid JSON"),
                          (["--tls-cert", str(tmp_path)], "--tls-cert and --tls-key go together"),
                          (["--servers", "0"], "--servers must be >= 1")]:
         with pytest.raises(ValueError, match=message):
-            options_from_args(parser.parse_args(["serve", "--cache", cache[0], *bad]))
+            dataclass_from_args(ServeOptions, parser.parse_args(["serve", "--cache", cache[0], *bad]))
     with pytest.raises(ValueError, match="share a name"):
         ServeOptions(caches=(cache[0], f"{cache[0]}/"))
 

@@ -64,7 +64,8 @@ def test_killed_trainer_resumes_to_identical_weights(tiny_server, tmp_path, sae)
 
 def test_standard_sae_on_tiny_model_is_good(tiny_server, tiny_cache, tmp_path):
     """The acceptance bar: EV >= 0.9, CE recovered >= 0.9, < 10% dead, after a modest budget."""
-    from actserve.clients.evaluator import EvalOptions, evaluate
+    from actserve.clients.eval_options import EvalOptions
+    from actserve.clients.evaluator import evaluate
 
     out = tmp_path / "sae"
     assert cli_main(train_args(tiny_server, out, tokens=196_608, expansion=8, lr=1e-3)) == 0
@@ -195,7 +196,8 @@ def test_seed_seeds_the_initial_weights(tmp_path):
 def test_default_cli_run_is_sparse_and_does_not_depend_on_the_activation_scale(tiny_server, tiny_cache, tmp_path):
     """`actserve train` with nothing but where, what and how much: a sparse SAE (L0 <= d_in / 4)
     that explains >= 80% of the variance; and the same run on activations x100 ends the same."""
-    from actserve.clients.evaluator import EvalOptions, evaluate
+    from actserve.clients.eval_options import EvalOptions
+    from actserve.clients.evaluator import evaluate
     from actserve.clients.train_options import TrainOptions
     from actserve.clients.trainer import train
     from actserve.proto.manifest_pb2 import HookStats
