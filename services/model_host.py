@@ -102,6 +102,7 @@ class ModelHost:
         vector_sums = torch.zeros((len(hooks), d_model), dtype=torch.float64, device=self.device)
         norm_sums = torch.zeros((len(hooks), 2), dtype=torch.float64, device=self.device)  # sum |x|, sum |x|^2
         stop = layers_needed(hooks, self.model.cfg.n_layers)
+        first = 1 if skip_bos else 0
         all_tokens = torch.from_numpy(tokens)
         for start in range(0, n_seq, batch_sequences):
             batch = all_tokens[start:start + batch_sequences].to(self.device)
@@ -109,11 +110,13 @@ class ModelHost:
             _, cache = self.model.run_with_cache(batch, names_filter=hooks, stop_at_layer=stop)
             for i, h in enumerate(hooks):
                 acts = cache[h]  # [batch, ctx, d_model] float32, on device
-                body = (acts[:, 1:] if skip_bos else acts).reshape(-1, d_model)
-                norms = body.norm(dim=-1).double()
-                vector_sums[i] += body.sum(0, dtype=torch.float64)
-                norm_sums[i, 0] += norms.sum()
-                norm_sums[i, 1] += norms.square().sum()
+                # reduce over the batch first (contiguous), then drop position 0: slicing it off
+                # first gave a strided view whose reductions took 3x as long (1.4 ms against 0.45
+                # for the tiny model's 4 hooks, against a ~60 ms forward of 32 sequences on 2 cores)
+                norms = torch.linalg.vector_norm(acts, dim=-1)[:, first:]
+                vector_sums[i] += acts.sum(0)[first:].sum(0, dtype=torch.float64)
+                norm_sums[i, 0] += norms.sum(dtype=torch.float64)
+                norm_sums[i, 1] += norms.square().sum(dtype=torch.float64)
                 if position_major:
                     staged[h][:, start:end].copy_(acts.transpose(0, 1))
                 else:
