@@ -184,8 +184,8 @@ def keep_freed_heap_memory() -> bool:
       model: 64 MB activations), ~100,000 faults and a third of its speed.
     Here no allocation is mapped afresh (all come from the heap), up to HEAP_TRIM_THRESHOLD of free
     memory stays at the heap's top, and threads that allocate for the first time share the main
-    arena. Process-wide, once: called where a model host, a trainer or an evaluation starts, and
-    before a stream's first call."""
+    arena. Process-wide, once: called where a model host, a trainer, an evaluation or the tiny
+    model's training starts, and before a stream's first call."""
     if LIBC is None or platform.libc_ver()[0] != "glibc":
         return False
     return all(LIBC.mallopt(option, value) == 1 for option, value in
