@@ -7,7 +7,7 @@ locally: a byte-level BPE tokenizer (GPT-2 style, `<|endoftext|>` as BOS, EOS an
 
 Training is deterministic for a seed on a given machine: a fixed step count, a seeded
 initialisation and data order, and a fixed thread count. The corpus is the Python standard
-library's documentation (`services.corpus`), copied into the model directory so that the data a
+library's documentation (`offline/corpus.py`), copied into the model directory so that the data a
 model was trained on travels with it.
 """
 

@@ -1,7 +1,7 @@
 """Loading the model as a TransformerLens `HookedTransformer`, and naming its hooks.
 
 `--model` is either a TransformerLens model name (`gpt2`: weights from the Hugging Face hub) or a
-local Hugging Face GPT-2 directory such as the one `services.tiny_model` makes. Both go through
+local Hugging Face GPT-2 directory such as the one `offline/tiny_model.py` makes. Both go through
 TransformerLens's own conversion and weight processing, so both end in the same kind of model.
 """
 
