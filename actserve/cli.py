@@ -306,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-env", default="ACTSERVE_TOKEN", help="environment variable holding the server's bearer token")
     p.add_argument("--reconnect-timeout", type=float, default=60.0,
                    help="seconds to keep retrying (with backoff) an unreachable server before giving up")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
@@ -317,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "eval.json, eval.md (the seed's table) and a log10 feature-density PNG per SAE.",
         formatter_class=HelpFormatter)
     add_dataclass_flags(p, EvalOptions)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
@@ -330,14 +330,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "that opens from the file system.",
         formatter_class=HelpFormatter)
     add_dataclass_flags(p, FeatureOptions)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_features)
 
     p = sub.add_parser("sweep", help="train a grid of SAEs concurrently on Ray, then evaluate them",
                        description=sweep_spec.__doc__,  # the sweep file's format
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep", help="sweep YAML file")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sweep)
 
     p = cache.add_parser("info", help="print a cache's summary", description="Print the summary of the cache at URL.")

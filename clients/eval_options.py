@@ -12,7 +12,7 @@ from actserve.services.options import option, required
 class EvalOptions:
     """Everything `actserve eval` takes, one flag per field (and the fields `actserve features`
     shares: FeatureOptions extends it)."""
-    saes: tuple[str, ...] = required("SAE directory (SAELens layout; repeatable)", flag="sae", repeat=True)
+    saes: tuple[str, ...] = required("SAE directory (SAELens layout; repeatable)", flag="sae", repeat=True, metavar="DIR")
     cache: str = required("cache URL (the manifest is read from it)")
     out: str = required("report directory")
     storage_options: dict = option({}, "JSON of fsspec options")
