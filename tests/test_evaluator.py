@@ -102,6 +102,9 @@ def test_bad_sae_input(tiny_cache, tmp_path, capsys):
         code = cli_main(["eval", "--sae", str(tmp_path / sae), "--cache", url, "--out", str(tmp_path / "r"), "--quiet"])
         err = capsys.readouterr().err.strip()
         assert code == 2 and message in err and len(err.splitlines()) == 1, err
+    code = cli_main(["eval", "--sae", str(tmp_path / "wide"), "--cache", url, "--out", "", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == "actserve: error: --out is empty", err
 
 
 @torch.no_grad()

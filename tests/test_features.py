@@ -255,6 +255,8 @@ def test_bad_input_one_line_and_nothing_written(tiny_cache, saes, tmp_path, caps
         (["--sae", str(saes[0]), "--cache", no_eval], "no eval split"),
         (["--sae", str(saes[0]), "--cache", url, "--top", "0"], "--top must be > 0"),
         (["--sae", str(saes[0]), "--cache", url, "--top", "-3"], "--top must be > 0"),
+        (["--sae", str(saes[0]), "--cache", url, "--logit-tokens", "-1"], "--logit-tokens must be >= 0"),
+        (["--sae", str(saes[0]), "--cache", url, "--storage-options", "[1]"], "--storage-options must be a JSON object"),
     ]
     for args, message in cases:
         code = cli_main(["features", *args, "--out", str(out), "--quiet"])
