@@ -119,9 +119,11 @@ def test_feature_summary(browser, tiny_cache, saes):
     meta = json.loads((browser / "resid1" / "summary.json").read_text())
     assert meta["tokens"] == counted and meta["dead"] >= 1 and meta["dense"] >= 1
     assert "W_U" in meta["logit_lens"]
-    # histogram: every firing token in exactly one bin
+    # histogram: every firing token in exactly one bin, the bin [low, high) its activation falls in
     data = chunk(browser / "resid1", 2)
     assert sum(c for _, _, c in data["hist"]) == summary[2]["fire_count"]
+    fired = f[:, 2][f[:, 2] > 0].numpy()
+    assert [c for _, _, c in data["hist"]] == [int(((fired >= lo) & (fired < hi)).sum()) for lo, hi, _ in data["hist"]]
 
 
 def test_logit_lens_is_decoder_times_unembedding(browser, tiny_cache, saes):
