@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import mmap
 import os
 import uuid
 from collections.abc import Callable
@@ -45,15 +46,19 @@ class Written(NamedTuple):
     sha256: str = ""
 
 
-HASH_CHUNK = 8 << 20
+HASH_CHUNK = 8 << 20  # read size when hashing a file through fsspec (cache verify, any URL)
 
 
 def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
+    """sha256 of a local file, hashed from a memory map in one call: hashlib releases the GIL for the
+    whole file. A loop of reads and updates takes the GIL back at every chunk, and beside a thread
+    that holds it (a GPU model host's forward launching kernels) each take waits up to the 5 ms
+    switch interval: a 136 MB shard's hash took 270 ms there, 105 ms from the map (75 / 89 ms alone)."""
     with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+        if os.fstat(f.fileno()).st_size == 0:  # mmap refuses an empty file
+            return hashlib.sha256().hexdigest()
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            return hashlib.sha256(mapped).hexdigest()
 
 
 def atomic_write(fs: fsspec.AbstractFileSystem, path: str, write: Callable, checksum: bool = False) -> Written:

@@ -3,8 +3,10 @@ page) checked by the stream, by the evaluator's shard reads and by `actserve cac
 paths kept inside the cache root; manifest bytes that do not depend on build history."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import shutil
 
 import pyarrow.flight as flight
@@ -16,7 +18,7 @@ from actserve.clients.evaluator import cached_sequences
 from actserve.proto.stream_pb2 import HealthResult, StreamRequest
 from actserve.services.manifest import manifest_to_json, read_manifest, write_manifest
 from actserve.services.shard_cache import ShardCache
-from actserve.services.storage import CacheError, open_url
+from actserve.services.storage import CacheError, file_sha256, open_url
 from actserve.services.verify import verify_cache
 from actserve.testing import SyntheticSpec, flip_byte, write_synthetic_cache
 from streamkit import cycle_collector_off, read_table, running_server, server_stats, wait_until
@@ -42,6 +44,14 @@ def test_shards_record_their_sha256(pristine):
     url, manifest = pristine
     assert all(len(s.sha256) == 64 for s in [*manifest.train.shards, *manifest.eval.shards])
     assert verify_cache(url) == []
+
+
+def test_file_sha256_is_the_sha256_of_the_bytes(tmp_path):
+    """Shards are hashed from a memory map in one call (an empty file cannot be mapped)."""
+    for data in (b"", b"shard", os.urandom(3 << 20)):
+        path = tmp_path / "file"
+        path.write_bytes(data)
+        assert file_sha256(str(path)) == hashlib.sha256(data).hexdigest()
 
 
 def test_flipped_byte_in_train_shard_fails_the_stream(cache, caplog):
