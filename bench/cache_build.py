@@ -5,7 +5,9 @@
      end (the model host's start and model load included), and on a model host started before the
      clock (build_cache's `hosts`: the pipeline itself, what a long build runs at);
   2. shard write and read GB/s against pyarrow writing / reading the same bytes as one plain
-     fixed_size_binary table (no actserve code).
+     fixed_size_binary table (no actserve code), and the shard write beside a thread that runs
+     Python without a pause (as a GPU host's forward holds the GIL), at Python's GIL switch
+     interval and at the model host's, against the same write alone.
 
   python bench/cache_build.py                       # the tiny model (made under --workdir if missing), 1M
                                                     # tokens (the offline corpus repeated to hold them)
@@ -17,7 +19,9 @@ import argparse
 import math
 import os
 import shutil
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -33,6 +37,7 @@ from actserve.services.build import build_cache, start_model_hosts
 from actserve.services.build_options import BuildOptions
 from actserve.services.data import DatasetSpec, iter_documents
 from actserve.services.model import layers_needed, load_model, resolve_hooks
+from actserve.services.model_host import GIL_SWITCH_INTERVAL
 from actserve.services.ray_runtime import ensure_ray
 from actserve.services.process_memory import keep_freed_heap_memory
 from actserve.services.shard_format import (
@@ -192,10 +197,35 @@ def bench_shard_io(out: Path, manifest, repeats: int = 3):
             col = t.column(h).combine_chunks()
             torch.from_numpy(np.frombuffer(col.buffers()[1], dtype=np.float16)).sum()
 
+    def beside_python(fn, switch_interval: float) -> float:
+        """best(fn) while another thread runs Python without a pause, holding the GIL as a GPU model
+        host's forward does between kernel launches: a writer that takes the GIL back waits up to
+        `switch_interval` each time."""
+        stop = threading.Event()
+
+        def spin():
+            while not stop.is_set():
+                pass
+
+        default = sys.getswitchinterval()
+        sys.setswitchinterval(switch_interval)
+        spinner = threading.Thread(target=spin)
+        spinner.start()
+        try:
+            return best(fn)
+        finally:
+            stop.set()
+            spinner.join()
+            sys.setswitchinterval(default)
+
     w_ours, w_plain = best(ours_write), best(plain_write)
     r_ours, r_plain = best(ours_read), best(plain_read)
     gb = nbytes / 1e9
     print(f"write   {gb / w_ours:6.2f} GB/s   plain pyarrow {gb / w_plain:6.2f} GB/s   ratio {w_plain / w_ours:.2f} (goal >= 0.8)")
+    for interval, what in ((sys.getswitchinterval(), "Python's default"), (GIL_SWITCH_INTERVAL, "the model host's")):
+        w_beside = beside_python(ours_write, interval)
+        print(f"write beside a thread running Python, GIL switch interval {interval * 1e3:.1f} ms ({what}) "
+              f"{gb / w_beside:6.2f} GB/s   alone {gb / w_ours:6.2f} GB/s   ratio {w_ours / w_beside:.2f}")
     print(f"read    {gb / r_ours:6.2f} GB/s   plain pyarrow {gb / r_plain:6.2f} GB/s   ratio {r_plain / r_ours:.2f} (goal >= 0.8)"
           f"   [{nbytes / 1e6:.0f} MB shard, decode included]")
     shutil.rmtree(tmp)

@@ -9,7 +9,9 @@ The actor takes 1 + `writers` `write_shard` calls at once: a lock lets one run i
 the others encode, hash and write the shards before it, so the model never waits for storage
 while the writers keep up. One writer thread does ~0.5 GB/s (Parquet encode, sha256, fsync), and
 the writes release the GIL, so writers add up (two did 0.9 GB/s on 2 cores), up to a point (on an
-H100 host, 8 did no better than 4: ~1.2 GB/s of shards). Per-hook statistics
+H100 host, 8 did no better than 4: ~1.2 GB/s of shards). The host hands the GIL over every
+GIL_SWITCH_INTERVAL, not Python's 5 ms, so that a forward holding it does not starve the writers
+between their calls. Per-hook statistics
 accumulate on the device and are read once per shard. The host keeps glibc's freed heap memory
 (`keep_freed_heap_memory`): a CPU forward frees and allocates megabytes per layer, and glibc's
 defaults gave them back to the kernel and faulted them in again, which cost the tiny model's
@@ -17,6 +19,7 @@ forward 30-50% of its speed.
 """
 from __future__ import annotations
 
+import sys
 import threading
 
 import numpy as np
@@ -29,6 +32,14 @@ from actserve.services.shard_format import DTYPES, write_shard
 from actserve.services.storage import open_url
 
 
+# A thread asking for the GIL waits until its holder has run this long. A GPU forward holds the GIL
+# between kernel launches almost without a pause, and a writer takes it back after every call that
+# releases it (a dozen or more a shard): at Python's default of 5 ms, a shard write beside a thread
+# running Python stored 0.40 GB/s, at 0.5 ms 0.70 GB/s, while the Python thread kept 0.97 / 0.96 of
+# its speed (bench/cache_build.py prints the write beside such a thread).
+GIL_SWITCH_INTERVAL = 0.0005  # seconds
+
+
 class ModelHost:
     def __init__(self, model: str, processing: WeightProcessing, device: str | None = None,
                  cpu_threads: int | None = None, writers: int = 1):
@@ -38,6 +49,7 @@ class ModelHost:
         leaves the count as it is. `writers`: shards written at once beside the forward; the
         actor's max_concurrency must be 1 + writers."""
         keep_freed_heap_memory()  # the actor owns its process
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cpu" and cpu_threads:
             torch.set_num_threads(cpu_threads)

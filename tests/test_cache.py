@@ -20,12 +20,11 @@ import ray
 import torch
 
 from actserve.services.build import build_cache, start_model_hosts
-from actserve.services.build_options import BuildOptions
-from actserve.services.model_host import ModelHost
+from actserve.services.build_options import BuildOptions, WeightProcessing
+from actserve.services.model_host import GIL_SWITCH_INTERVAL, ModelHost
 from actserve.services.shard_format import decode_activations, in_sequence_order, read_shard, write_shard
 from actserve.services.storage import open_url
 from actserve.services.manifest import read_manifest
-from actserve.services.build_options import WeightProcessing
 from actserve.cli import main as cli_main, os_error_message
 from actserve.services.data import DatasetSpec, iter_documents, iter_sequences
 from tests.conftest import free_port
@@ -129,6 +128,15 @@ def test_model_host_forward_reuses_freed_memory(tiny_model, ray_session):
     faults = ray.get(host.__ray_call__.remote(forward_page_faults, tokens))
     ray.kill(host)
     assert faults < 0.25 * tokens.size, faults  # glibc's defaults: 18,000-24,000 here
+
+
+def test_model_host_hands_the_gil_over_quickly(tiny_model, ray_session):
+    """A writer thread beside a forward that holds the GIL gets it back within 0.5 ms, not Python's
+    default 5 ms (bench/cache_build.py measures what that does to a shard write)."""
+    host = ray.remote(ModelHost).remote(str(tiny_model), WeightProcessing(), "cpu", 1)
+    interval = ray.get(host.__ray_call__.remote(lambda _: sys.getswitchinterval()))
+    ray.kill(host)
+    assert interval == GIL_SWITCH_INTERVAL <= 0.0005
 
 
 def test_splits_and_manifest(built):
