@@ -32,12 +32,12 @@ from actserve.clients.stream import ActivationStream
 from actserve.clients.tables import markdown_table
 from actserve.sae import SAE, load_sae
 from actserve.sae.metrics import StreamingMetrics, plot_log10_feature_density
-from actserve.services.storage import CacheError, open_url
-from actserve.services.shard_format import decode_activations, in_sequence_order, read_shard
-from actserve.services.manifest import read_manifest
-from actserve.services.process_memory import keep_freed_heap_memory
 from actserve.services.build_options import WeightProcessing
+from actserve.services.manifest import read_manifest
 from actserve.services.model import load_model
+from actserve.services.process_memory import keep_freed_heap_memory
+from actserve.services.shard_format import decode_activations, in_sequence_order, read_shard
+from actserve.services.storage import CacheError, open_url
 
 
 def splice_layer(hook: str) -> int | None:
