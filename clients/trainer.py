@@ -3,7 +3,9 @@ as dictionary_learning does) on one hook's activations streamed from the server.
 
 Checkpoints hold every SAE's trainer state (weights, Adam, schedules, dead-feature counters, RNG),
 the running metrics and the stream cursor, written atomically every `checkpoint_every` tokens; a
-restarted run resumes from the last one and ends with the same weights as an uninterrupted run.
+restarted run resumes from the last one and ends with the same weights as an uninterrupted run, bit
+for bit when both run with the same torch thread count (the order of a CPU step's float sums
+depends on it; a different count changes the last bits).
 """
 from __future__ import annotations
 

@@ -36,11 +36,21 @@ def train_args(server, out, tokens=32768, **flags):
 def test_killed_trainer_resumes_to_identical_weights(tiny_server, tmp_path, sae):
     # 128 steps, the first checkpoint after 8: the kill lands with most of the run still to go
     args = dict(tokens=65536, checkpoint_every=4096, **sae)
-    assert cli_main(train_args(tiny_server, tmp_path / "reference", **args)) == 0
+    # Three `actserve train` processes with one environment, as a user reruns the command. Bit for
+    # bit needs one torch thread count in all three: the standard SAE's float sums depend on it
+    # (1, 2 and 4 threads gave three different weight files), and a machine's default count is
+    # its core count, which the test process may not share with the processes it starts.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def command(out: Path) -> list[str]:
+        return [sys.executable, "-m", "actserve", *train_args(tiny_server, out, **args)]
+
+    reference = subprocess.run(command(tmp_path / "reference"), env=env, capture_output=True, text=True)
+    assert reference.returncode == 0, reference.stderr[-2000:]
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "actserve", *train_args(tiny_server, out, **args)],
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(command(out), env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
         while not (out / CHECKPOINT).exists():  # kill -9 once a checkpoint is on disk
@@ -52,7 +62,8 @@ def test_killed_trainer_resumes_to_identical_weights(tiny_server, tmp_path, sae)
         proc.wait()
     assert not (out / "sae_weights.safetensors").exists()
 
-    assert cli_main(train_args(tiny_server, out, **args)) == 0
+    resumed = subprocess.run(command(out), env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert (out / "sae_weights.safetensors").read_bytes() == (tmp_path / "reference" / "sae_weights.safetensors").read_bytes()
     assert not (out / CHECKPOINT).exists()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
