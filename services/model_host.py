@@ -11,11 +11,10 @@ while the writers keep up. One writer thread does ~0.5 GB/s (Parquet encode, sha
 the writes release the GIL, so writers add up (two did 0.9 GB/s on 2 cores), up to a point (on an
 H100 host, 8 did no better than 4: ~1.2 GB/s of shards). The host hands the GIL over every
 GIL_SWITCH_INTERVAL, not Python's 5 ms, so that a forward holding it does not starve the writers
-between their calls. Per-hook statistics
-accumulate on the device and are read once per shard. The host keeps glibc's freed heap memory
-(`keep_freed_heap_memory`): a CPU forward frees and allocates megabytes per layer, and glibc's
-defaults gave them back to the kernel and faulted them in again, which cost the tiny model's
-forward 30-50% of its speed.
+between their calls. Per-hook statistics accumulate on the device and are read once per shard.
+The host keeps glibc's freed heap memory (`keep_freed_heap_memory`): a CPU forward frees and
+allocates megabytes per layer, and glibc's defaults gave them back to the kernel and faulted them
+in again, which cost the tiny model's forward 30-50% of its speed.
 """
 from __future__ import annotations
 

@@ -46,9 +46,6 @@ class Written(NamedTuple):
     sha256: str = ""
 
 
-HASH_CHUNK = 8 << 20  # read size when hashing a file through fsspec (cache verify, any URL)
-
-
 def file_sha256(path: str) -> str:
     """sha256 of a local file, hashed from a memory map in one call: hashlib releases the GIL for the
     whole file. A loop of reads and updates takes the GIL back at every chunk, and beside a thread

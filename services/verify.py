@@ -6,7 +6,9 @@ import hashlib
 
 from actserve.services.manifest import SPLITS, read_manifest
 from actserve.services.shard_format import read_shard
-from actserve.services.storage import HASH_CHUNK, CacheError, open_url
+from actserve.services.storage import CacheError, open_url
+
+HASH_CHUNK = 8 << 20  # bytes read at a time when hashing a shard through fsspec (any URL)
 
 
 def verify_cache(url: str, storage_options: dict | None = None) -> list[str]:
