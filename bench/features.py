@@ -4,10 +4,12 @@
      files written) vs the evaluator's read of the same eval tokens encoded by the same SAE with
      nothing kept;
   2. peak memory (RSS of a fresh process) of `actserve features` over N_small and N_large tokens;
-  3. the 1024-feature index.html: size, and its load in headless Chromium (the page's own
+  3. the SAE's index.html: size, and its load in headless Chromium (the page's own
      render time, and the wall time of `chromium --dump-dom` vs the same for an empty page).
 
   python bench/features.py --cache /work/scratch-feat/cache --hook blocks.1.hook_resid_pre
+  python bench/features.py --cache actserve-work/cache-1000000 --hook blocks.2.hook_resid_pre \
+      --sae actserve-work/demo-1000000/saes/blocks.2.hook_resid_pre-standard   # the demo's own SAE
 """
 from __future__ import annotations
 
@@ -133,7 +135,8 @@ def page_load(url: str, sae_dir: Path, work: Path, repeats: int) -> None:
     index = build_feature_browser(FeatureOptions(saes=(str(sae_dir),), cache=url, out=str(out), max_tokens=50_000), progress=False)
     page = index.parent / sae_dir.name / "index.html"
     data = page.parent / "index-data.js"
-    print(f"1024-feature index: index.html {page.stat().st_size / 1024:.1f} KiB + index-data.js {data.stat().st_size / 1024:.1f} KiB")
+    d_sae = json.loads((page.parent / "summary.json").read_text())["d_sae"]
+    print(f"{d_sae}-feature index: index.html {page.stat().st_size / 1024:.1f} KiB + index-data.js {data.stat().st_size / 1024:.1f} KiB")
     if not (shutil.which("chromium") or shutil.which("google-chrome")):
         print("  chromium not installed: no load time")
         return
@@ -154,7 +157,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache", required=True, help="cache with an eval split of at least --large tokens")
     p.add_argument("--hook", default="blocks.1.hook_resid_pre")
-    p.add_argument("--d-sae", type=int, default=1024)
+    p.add_argument("--d-sae", type=int, default=1024, help="features of the random SAE made for the run")
+    p.add_argument("--sae", type=Path, help="a trained SAE directory of --hook instead of the random one "
+                                            "(e.g. the demo's, actserve-work/demo-1000000/saes/...)")
     p.add_argument("--tokens", type=int, default=200_000, help="tokens of the throughput figure")
     p.add_argument("--small", type=int, default=100_000)
     p.add_argument("--large", type=int, default=1_000_000)
@@ -162,7 +167,7 @@ def main() -> None:
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="actserve-bench-features-") as tmp:
         work = Path(tmp)
-        sae = make_sae(work / "sae", args.cache, args.hook, args.d_sae)
+        sae = args.sae or make_sae(work / "sae", args.cache, args.hook, args.d_sae)
         throughput(args.cache, sae, args.tokens, args.repeats, work)
         memory(args.cache, sae, [args.small, args.large], work)
         page_load(args.cache, sae, work, args.repeats)

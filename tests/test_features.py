@@ -163,6 +163,48 @@ def test_state_does_not_grow_with_tokens(tiny_cache, saes):
     assert many > 4 * few and small == large
 
 
+def test_stats_over_many_batches_equal_one_pass_over_all_of_them():
+    """FeatureStats fed 40 small batches holds what the whole matrix gives at once: the K largest
+    activations of each feature (values rounded so that ties occur), each at its own token and with
+    its window; empty slots for features that fired fewer than K times; counts, sums, maxima."""
+    torch.manual_seed(0)
+    n_batches, n_seq, ctx, d_sae, top, left, right = 40, 3, 16, 24, 6, 3, 2
+    f = (torch.randn(n_batches * n_seq, ctx, d_sae) * 4).round().clamp(min=0)  # ~45% non-zero, many ties
+    f[..., 5] = 0                                      # never fires
+    f[..., 6] = 0
+    f[7, 3, 6], f[30, 9, 6] = 2.0, 5.0                 # fires twice: K - 2 empty slots
+    tokens = torch.randint(0, 1000, (n_batches * n_seq, ctx))
+    counted = torch.ones(n_seq, ctx, dtype=torch.bool)
+    counted[:, 0] = False
+    state = FeatureStats(d_sae, top, left, right)
+    for b in range(n_batches):
+        part = slice(b * n_seq, (b + 1) * n_seq)
+        state.update(f[part].clone(), tokens[part], counted, b * n_seq * ctx)
+    f[:, 0] = 0
+    flat = f.reshape(-1, d_sae)
+    assert state.tokens == n_batches * n_seq * (ctx - 1)
+    assert torch.equal(state.fire_count, (flat != 0).sum(0)) and torch.equal(state.act_max, flat.amax(0))
+    torch.testing.assert_close(state.act_sum, flat.double().sum(0))
+    assert torch.equal(state.hist.view(d_sae, -1).sum(1), state.fire_count)
+    order = state.top_act.argsort(dim=1, descending=True)
+    assert torch.equal(state.top_act.gather(1, order), flat.topk(top, dim=0).values.T)  # the K largest, ties included
+    for j in range(d_sae):
+        slots = [s for s in range(top) if state.top_act[j, s] > 0]
+        indices = state.top_index[j, slots]
+        assert len(set(indices.tolist())) == len(slots)  # K different tokens
+        assert torch.equal(flat[indices, j], state.top_act[j, slots])
+        for s, index in zip(slots, indices.tolist()):
+            seq, pos = divmod(index, ctx)
+            for w in range(left + 1 + right):
+                p = pos - left + w
+                inside = 0 <= p < ctx
+                assert state.top_context[j, s, w] == (tokens[seq, p] if inside else -1)
+                assert state.top_context_act[j, s, w] == (f[seq, p, j] if inside else 0)
+        empty = [s for s in range(top) if state.top_act[j, s] == 0]
+        assert (state.top_index[j, empty] == -1).all() and (state.top_context[j, empty] == -1).all()
+    assert sorted(state.top_index[6][state.top_act[6] > 0].tolist()) == [7 * ctx + 3, 30 * ctx + 9]
+
+
 def chunk(directory: Path, feature: int) -> dict:
     text = (directory / "data" / f"chunk-{feature // 128:04d}.js").read_text()
     return json.loads(text[len("window.featureChunk("):-len(");\n")])[str(feature)]
