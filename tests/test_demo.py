@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -23,6 +24,20 @@ def test_readme_quickstart_is_what_ci_and_this_test_run():
     assert demo == "./dev demo" and tests == "./dev test"
     ci = (ROOT / ".ci" / "run").read_text()
     assert re.search(r"^\./dev test$", ci, re.M), ci
+
+
+def test_failed_setup_is_one_line_naming_the_free_disk(tmp_path):
+    """`./dev`'s install failing (here an unknown torch version; on a CI machine, a full disk) ends in
+    one line that says how much disk was free, and the environment is not marked installed."""
+    venv = tmp_path / "venv"
+    env = {**os.environ, "ACTSERVE_VENV": str(venv), "ACTSERVE_TORCH": "torch==0.0.1"}
+    proc = subprocess.run(["./dev", "python", "-c", "pass"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert re.fullmatch(rf"\./dev: 'pip install torch==0\.0\.1' failed with \d+ MB free on {re.escape(str(venv))}'s disk "
+                        r"\(the environment takes about 2\.5 GB\)", last), last
+    assert not list(venv.glob(".actserve-installed-*"))
 
 
 @pytest.mark.slow
