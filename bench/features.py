@@ -165,6 +165,8 @@ def main() -> None:
     p.add_argument("--large", type=int, default=1_000_000)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
+    if args.sae and not (args.sae / "cfg.json").is_file():
+        p.error(f"--sae {args.sae}: not an SAE directory (no cfg.json)")
     with tempfile.TemporaryDirectory(prefix="actserve-bench-features-") as tmp:
         work = Path(tmp)
         sae = args.sae or make_sae(work / "sae", args.cache, args.hook, args.d_sae)

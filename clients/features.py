@@ -83,16 +83,17 @@ class FeatureStats:
         O(non-zeros).
         """
         n_seq, ctx, d_sae = f.shape
-        flat = f.float().view(-1)
+        matrix = f.float().view(-1, d_sae)
+        flat = matrix.view(-1)
         skipped = (~counted).view(-1).nonzero().squeeze(1)
-        flat.view(-1, d_sae).index_fill_(0, skipped, 0.0)
+        matrix.index_fill_(0, skipped, 0.0)
         self.tokens += n_seq * ctx - len(skipped)
         # "fires": a non-zero activation, as in eval's L0; the flat index is found in half the time
         # of nonzero's (row, feature) pairs
         index = flat.nonzero().squeeze(1)
         if not len(index):
             return
-        rows, features, values = index // d_sae, index % d_sae, flat[index]
+        features, values = index % d_sae, flat[index]
         self.fire_count += torch.bincount(features, minlength=d_sae)
         self.act_sum.index_add_(0, features, values.double())
         # act_max starts at 0, as the batch's own zeros would make it
@@ -106,8 +107,7 @@ class FeatureStats:
         # only an activation above the smallest of its feature's K examples can enter them
         better = (values > self.top_act.amin(1)[features]).nonzero().squeeze(1)
         if len(better):
-            self.merge_top(flat.view(-1, d_sae), ctx, tokens, rows[better], features[better], values[better],
-                           first_index)
+            self.merge_top(matrix, ctx, tokens, index[better] // d_sae, features[better], values[better], first_index)
 
     def merge_top(self, flat: torch.Tensor, ctx: int, tokens: torch.Tensor, rows: torch.Tensor,
                   features: torch.Tensor, values: torch.Tensor, first_index: int) -> None:
